@@ -1,0 +1,1 @@
+"""Checkpoint storage: the self-describing t5g (Orbax) checkpoint directory."""

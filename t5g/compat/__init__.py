@@ -1,0 +1,1 @@
+"""Interoperability with other formats: Hugging Face folders (safetensors + config.json)."""

@@ -1,0 +1,185 @@
+"""Read and write Hugging Face `Gemma2ForCausalLM` / `T5GemmaForConditionalGeneration` folders.
+
+Tensor names and shapes: ../shared/reference/t5gemma-facts.md §2.3, §2.5. HF linear weights are
+[out, in]; t5g kernels are [in, out] with heads split out ([D, N, H] for q/k/v, [N, H, D] for o).
+Reading maps the safetensors files and fills preallocated arrays tensor by tensor; writing
+converts and writes one tensor at a time into a temporary folder that is renamed at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Iterator
+
+import numpy as np
+
+from t5g.compat import hf_config, safetensors_io
+from t5g.model import layout
+from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, EncoderDecoderConfig, ModelConfig,
+                              model_type)
+
+# Layer tensors: (HF name inside a layer, t5g sub-path, conversion kind).
+_ATTN = [("q_proj", "qkv"), ("k_proj", "qkv"), ("v_proj", "qkv"), ("o_proj", "out")]
+_MLP = [("mlp.gate_proj", ("mlp", "gate_proj"), "transpose"),
+        ("mlp.up_proj", ("mlp", "up_proj"), "transpose"),
+        ("mlp.down_proj", ("mlp", "down_proj"), "transpose")]
+_GEMMA2_NORMS = [("input_layernorm", "pre_attention_norm"),
+                 ("post_attention_layernorm", "post_attention_norm")]
+_T5GEMMA_NORMS = [("pre_self_attn_layernorm", "pre_attention_norm"),
+                  ("post_self_attn_layernorm", "post_attention_norm")]
+_CROSS_NORMS = [("pre_cross_attn_layernorm", "pre_cross_attention_norm"),
+                ("post_cross_attn_layernorm", "post_cross_attention_norm")]
+_FFW_NORMS = [("pre_feedforward_layernorm", "pre_ffw_norm"),
+              ("post_feedforward_layernorm", "post_ffw_norm")]
+# Keys a folder may hold that t5g derives instead (the tied output layer).
+_TIED_HEADS = {"gemma2": "lm_head.weight", "t5gemma": "lm_head.out_proj.weight"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMap:
+  """One HF tensor and the t5g parameter it holds."""
+
+  hf_key: str
+  stack: str
+  layer: int | None
+  sub: tuple[str, ...]
+  kind: str  # 'copy', 'transpose', 'qkv' ([D,N,H] <-> [N*H,D]) or 'out' ([N,H,D] <-> [D,N*H]).
+
+
+def tensor_maps(config: ModelConfig) -> Iterator[TensorMap]:
+  """Every HF tensor of a model with `config`, in HF's order."""
+  t5 = isinstance(config, EncoderDecoderConfig)
+  for stack, cfg in layout.stacks(config).items():
+    prefix = f"model.{stack}." if t5 else "model."
+    yield TensorMap(f"{prefix}embed_tokens.weight", stack, None, ("embedder", "embedding"),
+                    "copy")
+    for i in range(cfg.num_layers):
+      lp = f"{prefix}layers.{i}."
+      attention = [("self_attn", "attn")] + ([("cross_attn", "cross_attn")]
+                                             if stack == "decoder" else [])
+      for hf_block, block in attention:
+        for name, kind in _ATTN:
+          yield TensorMap(f"{lp}{hf_block}.{name}.weight", stack, i, (block, name), kind)
+      norms = (_T5GEMMA_NORMS + (_CROSS_NORMS if stack == "decoder" else []) if t5
+               else _GEMMA2_NORMS) + _FFW_NORMS
+      for hf_name, name in norms:
+        yield TensorMap(f"{lp}{hf_name}.weight", stack, i, (name, "scale"), "copy")
+      for hf_name, sub, kind in _MLP:
+        yield TensorMap(f"{lp}{hf_name}.weight", stack, i, sub, kind)
+    yield TensorMap(f"{prefix}norm.weight", stack, None, ("final_norm", "scale"), "copy")
+
+
+def to_hf(kind: str, x: np.ndarray) -> np.ndarray:
+  """t5g array -> HF tensor."""
+  if kind == "copy":
+    return x
+  if kind == "transpose":
+    return x.T
+  if kind == "qkv":
+    return x.reshape(x.shape[0], -1).T
+  return x.reshape(-1, x.shape[-1]).T  # 'out'
+
+
+def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The HF tensor shape of a t5g parameter of `shape`."""
+  if kind == "copy":
+    return tuple(shape)
+  if kind == "transpose":
+    return tuple(shape[::-1])
+  if kind == "qkv":
+    return (int(np.prod(shape[1:])), shape[0])
+  return (shape[-1], int(np.prod(shape[:-1])))
+
+
+def from_hf(kind: str, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """HF tensor -> t5g array of `shape`."""
+  if kind == "copy":
+    return w
+  return w.T.reshape(shape)
+
+
+def is_hf_folder(folder: str) -> bool:
+  """Whether `folder` looks like a HF model folder (config.json and safetensors)."""
+  return os.path.exists(os.path.join(folder, hf_config.CONFIG_FILE)) and (
+      os.path.exists(os.path.join(folder, safetensors_io.SINGLE_FILE))
+      or os.path.exists(os.path.join(folder, safetensors_io.INDEX_FILE)))
+
+
+def load(folder: str, abstract_params_fn, scanned: bool) -> tuple[ModelConfig, dict]:
+  """Reads a HF folder into (config, numpy params in the requested layout).
+
+  abstract_params_fn(config) gives the eval_shape parameter tree of the target layout.
+  """
+  config = hf_config.read_config(folder)
+  tensors = safetensors_io.SafetensorsFolder(folder)
+  abstract = abstract_params_fn(config)
+  params = layout.allocate(abstract)
+  seen = set()
+  for m in tensor_maps(config):
+    if m.hf_key not in tensors:
+      raise ValueError(f"{folder}: missing tensor {m.hf_key!r}")
+    target = layout.get(abstract, config, scanned, m.stack, m.layer, m.sub)
+    w = tensors.get(m.hf_key)
+    expected = hf_shape(m.kind, target.shape)
+    if tuple(w.shape) != expected:
+      raise ValueError(f"{folder}: tensor {m.hf_key!r} has shape {tuple(w.shape)}, config.json "
+                       f"implies {expected}")
+    layout.put(params, config, scanned, m.stack, m.layer, m.sub,
+               from_hf(m.kind, np.asarray(w, dtype=target.dtype), target.shape))
+    seen.add(m.hf_key)
+  head = _TIED_HEADS[model_type(config)]
+  for key in tensors.keys():
+    if key in seen:
+      continue
+    if key == head:
+      embed_key = next(m.hf_key for m in tensor_maps(config)
+                       if m.stack != "encoder" and m.sub == ("embedder", "embedding"))
+      if not np.array_equal(tensors.get(key), tensors.get(embed_key)):
+        raise ValueError(f"{folder}: {key!r} differs from {embed_key!r}; t5g ties them")
+      continue
+    raise ValueError(f"{folder}: unexpected tensor {key!r} for a {model_type(config)} model")
+  return config, params
+
+
+def save(folder: str, params: dict, config: ModelConfig, scanned: bool, dtype: str = "float32",
+         max_shard_bytes: int = 5 << 30) -> None:
+  """Writes a HF folder (config.json, generation_config.json, safetensors) atomically.
+
+  dtype: 'float32' or 'bfloat16'. Refuses to overwrite a non-empty `folder`.
+  """
+  np_dtype = {"float32": np.dtype(np.float32),
+              "bfloat16": safetensors_io.DTYPES["BF16"]}.get(dtype)
+  if np_dtype is None:
+    raise ValueError(f"--dtype={dtype!r}: choose float32 or bfloat16")
+  if os.path.exists(folder) and os.listdir(folder):
+    raise FileExistsError(f"{folder}: output folder exists and is not empty")
+  maps = {m.hf_key: m for m in tensor_maps(config)}
+  plan = [(key, hf_shape(m.kind, layout.get(params, config, scanned, m.stack, m.layer,
+                                            m.sub).shape), np_dtype) for key, m in maps.items()]
+
+  def produce(key: str) -> np.ndarray:
+    m = maps[key]
+    value = np.asarray(layout.get(params, config, scanned, m.stack, m.layer, m.sub))
+    return to_hf(m.kind, value).astype(np_dtype)
+
+  tmp = f"{folder.rstrip('/')}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  try:
+    safetensors_io.write_folder(tmp, plan, produce, max_shard_bytes)
+    with open(os.path.join(tmp, hf_config.CONFIG_FILE), "w") as f:
+      json.dump(hf_config.config_to_hf(config, dtype), f, indent=2)
+    generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+    if isinstance(config, EncoderDecoderConfig):
+      generation["decoder_start_token_id"] = BOS_ID
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+      json.dump(generation, f, indent=2)
+    if os.path.exists(folder):
+      os.rmdir(folder)  # Empty, checked above.
+    os.replace(tmp, folder)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise

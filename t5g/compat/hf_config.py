@@ -1,0 +1,127 @@
+"""Hugging Face `config.json` <-> t5g model configs, for `gemma2` and `t5gemma` folders.
+
+Reading checks every field t5g cannot represent (another activation, biases, a layer pattern
+that is not local/global alternation, untied embeddings) and names the file and key at fault.
+Writing produces a config that `from_pretrained` accepts in transformers 4.53+ and 5.x.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, EncoderDecoderConfig, ModelConfig,
+                              StackConfig)
+
+CONFIG_FILE = "config.json"
+
+
+def layer_types(cfg: StackConfig) -> list[str]:
+  return ["sliding_attention" if cfg.is_local(i) else "full_attention"
+          for i in range(cfg.num_layers)]
+
+
+def _rope_theta(d: dict[str, Any]) -> float:
+  params = d.get("rope_parameters")
+  if isinstance(params, dict) and "rope_theta" in params:
+    if params.get("rope_type", "default") != "default":
+      raise ValueError(f"rope_parameters.rope_type={params['rope_type']!r} (only 'default')")
+    return float(params["rope_theta"])
+  return float(d.get("rope_theta", 10000.0))
+
+
+def stack_from_hf(d: dict[str, Any], where: str) -> StackConfig:
+  """A StackConfig from one HF Gemma 2 / T5Gemma module config dict."""
+  try:
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+      raise ValueError(f"hidden_activation={act!r} (t5g implements gelu_pytorch_tanh)")
+    if d.get("attention_bias", False):
+      raise ValueError("attention_bias=true (Gemma 2 has no biases)")
+    cfg = StackConfig(
+        num_layers=int(d["num_hidden_layers"]), embed_dim=int(d["hidden_size"]),
+        hidden_dim=int(d["intermediate_size"]), num_heads=int(d["num_attention_heads"]),
+        num_kv_heads=int(d.get("num_key_value_heads", d["num_attention_heads"])),
+        head_dim=int(d["head_dim"]), vocab_size=int(d["vocab_size"]),
+        sliding_window=int(d.get("sliding_window") or d.get("sliding_window_size") or 4096),
+        attn_logit_softcap=d.get("attn_logit_softcapping"),
+        final_logit_softcap=d.get("final_logit_softcapping"),
+        query_pre_attn_scalar=d.get("query_pre_attn_scalar"), rope_base=_rope_theta(d),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)))
+    types = d.get("layer_types")
+    if types is not None and list(types) != layer_types(cfg):
+      raise ValueError("layer_types is not sliding/full alternation starting with sliding")
+  except KeyError as e:
+    raise ValueError(f"{where}: missing key {e.args[0]!r}") from None
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{where}: {e}") from None
+  return cfg
+
+
+def read_config(folder: str) -> ModelConfig:
+  """The t5g config of a HF `gemma2` or `t5gemma` folder."""
+  path = os.path.join(folder, CONFIG_FILE)
+  with open(path) as f:
+    d = json.load(f)
+  kind = d.get("model_type")
+  if kind == "gemma2":
+    if d.get("tie_word_embeddings", True) is False:
+      raise ValueError(f"{path}: tie_word_embeddings=false (Gemma 2 ties the output layer)")
+    return stack_from_hf(d, path)
+  if kind == "t5gemma":
+    if d.get("tie_word_embeddings", True) is False:
+      raise ValueError(f"{path}: tie_word_embeddings=false (T5Gemma ties the decoder output)")
+    for part in ("encoder", "decoder"):
+      if not isinstance(d.get(part), dict):
+        raise ValueError(f"{path}: missing key {part!r}")
+    encoder = stack_from_hf(d["encoder"], f"{path}: encoder")
+    decoder = stack_from_hf(d["decoder"], f"{path}: decoder")
+    cross = d["decoder"].get("cross_attention_hidden_size", encoder.embed_dim)
+    if cross != encoder.embed_dim:
+      raise ValueError(f"{path}: decoder.cross_attention_hidden_size={cross} != encoder "
+                       f"hidden_size={encoder.embed_dim}")
+    try:
+      return EncoderDecoderConfig(encoder, decoder)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None
+  raise ValueError(f"{path}: model_type={kind!r}; t5g reads 'gemma2' and 't5gemma'")
+
+
+def stack_to_hf(cfg: StackConfig) -> dict[str, Any]:
+  """The HF module config fields of one stack (Gemma2Config / T5GemmaModuleConfig names)."""
+  return {
+      "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim,
+      "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim, "hidden_activation": "gelu_pytorch_tanh",
+      "max_position_embeddings": 8192, "initializer_range": 0.02,
+      "rms_norm_eps": cfg.rms_norm_eps, "use_cache": True, "pad_token_id": PAD_ID,
+      "eos_token_id": EOS_ID, "bos_token_id": BOS_ID, "tie_word_embeddings": True,
+      "rope_theta": cfg.rope_base,
+      "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+      "attention_bias": False, "attention_dropout": 0.0, "dropout_rate": 0.0,
+      "query_pre_attn_scalar": (cfg.head_dim if cfg.query_pre_attn_scalar is None
+                                else cfg.query_pre_attn_scalar),
+      "sliding_window": cfg.sliding_window, "layer_types": layer_types(cfg),
+      "final_logit_softcapping": cfg.final_logit_softcap,
+      "attn_logit_softcapping": cfg.attn_logit_softcap,
+  }
+
+
+def config_to_hf(config: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+  """config.json contents for a Gemma2ForCausalLM or T5GemmaForConditionalGeneration folder."""
+  common = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "bos_token_id": BOS_ID,
+            "torch_dtype": torch_dtype, "dtype": torch_dtype}
+  if isinstance(config, StackConfig):
+    return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+            **stack_to_hf(config), **common}
+  encoder = {**stack_to_hf(config.encoder), "model_type": "t5_gemma_module",
+             "is_decoder": False}
+  decoder = {**stack_to_hf(config.decoder), "model_type": "t5_gemma_module",
+             "is_decoder": True, "cross_attention_hidden_size": config.encoder.embed_dim}
+  return {"architectures": ["T5GemmaForConditionalGeneration"], "model_type": "t5gemma",
+          "encoder": encoder, "decoder": decoder, "is_encoder_decoder": True,
+          "vocab_size": config.vocab_size, "tie_word_embeddings": True, "dropout_rate": 0.0,
+          "attention_dropout": 0.0, "classifier_dropout_rate": 0.0, "use_cache": True,
+          "initializer_range": 0.02, **common}

@@ -1,0 +1,54 @@
+"""Attention masks and positions built from segment ids, for padded and packed batches.
+
+Segment id 0 marks padding; tokens attend only within their own segment. Positions restart at
+0 at every segment start, so a packed row computes exactly what its examples compute alone.
+Local windows follow Google's reference: causal `0 <= q - kv < W` in decoders, two-sided
+`|q - kv| < W` in the bidirectional encoder.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from t5g.model.config import PAD_ID
+
+Array = jax.Array
+
+
+def segments_from_tokens(tokens: Array) -> Array:
+  """Segment ids of an unpacked batch: 1 for tokens, 0 for padding. [B, T] -> [B, T] int32."""
+  return (tokens != PAD_ID).astype(jnp.int32)
+
+
+def positions_from_segments(segment_ids: Array) -> Array:
+  """Index of each token within its segment (a run of equal ids). [B, T] -> [B, T] int32."""
+  length = segment_ids.shape[-1]
+  index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), segment_ids.shape)
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], dtype=bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
+      axis=1)
+  start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+  return index - start_index
+
+
+def segment_mask(q_segments: Array, kv_segments: Array) -> Array:
+  """Queries see keys of their own (non-padding) segment: [B, T], [B, S] -> bool [B, T, S]."""
+  return ((q_segments[:, :, None] == kv_segments[:, None, :])
+          & (q_segments[:, :, None] != 0) & (kv_segments[:, None, :] != 0))
+
+
+def attention_mask(q_segments: Array, kv_segments: Array, q_positions: Array,
+                   kv_positions: Array, *, causal: bool, window: int | None) -> Array:
+  """Which keys each query sees. Segments/positions [B, T] and [B, S] -> bool [B, T, S].
+
+  causal: keys at positions after the query are hidden. window: None for global attention,
+  else the local window W (causal: q - kv < W; bidirectional: |q - kv| < W).
+  """
+  mask = segment_mask(q_segments, kv_segments)
+  distance = q_positions[:, :, None] - kv_positions[:, None, :]
+  if causal:
+    mask &= distance >= 0
+  if window is not None:
+    mask &= (distance < window) if causal else (jnp.abs(distance) < window)
+  return mask

@@ -1,0 +1,114 @@
+"""The two models: decoder-only Gemma 2 (teacher and baseline) and the T5Gemma encoder-decoder.
+
+Inputs follow seqio's feature names. Segment ids default to `tokens != 0` (one example per row,
+padding 0) and positions restart at 0 in every segment. The T5Gemma decoder input starts with
+BOS (id 2).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5g.model.config import ComputeConfig, EncoderDecoderConfig, ModelConfig, StackConfig
+from t5g.model.masks import positions_from_segments, segments_from_tokens
+from t5g.model.stack import Stack
+
+Array = jax.Array
+
+
+def _segments_and_positions(tokens, segment_ids, positions):
+  if segment_ids is None:
+    segment_ids = segments_from_tokens(tokens)
+  if positions is None:
+    positions = positions_from_segments(segment_ids)
+  return segment_ids, positions
+
+
+class Gemma2(nn.Module):
+  """Decoder-only Gemma 2 language model; parameters under `transformer`."""
+
+  config: StackConfig
+  compute: ComputeConfig = ComputeConfig()
+
+  def setup(self):
+    self.transformer = Stack(self.config, self.compute, causal=True)
+
+  def __call__(self, decoder_input_tokens: Array, decoder_segment_ids: Array | None = None,
+               decoder_positions: Array | None = None) -> Array:
+    """Tokens [B, T] -> float32 logits [B, T, V]."""
+    segments, positions = _segments_and_positions(decoder_input_tokens, decoder_segment_ids,
+                                                  decoder_positions)
+    hidden = self.transformer(decoder_input_tokens, segments, positions)
+    return self.transformer.logits(hidden)
+
+
+class T5Gemma(nn.Module):
+  """Encoder-decoder: bidirectional `encoder`, causal `decoder` with cross-attention."""
+
+  config: EncoderDecoderConfig
+  compute: ComputeConfig = ComputeConfig()
+
+  def setup(self):
+    cfg = self.config
+    self.encoder = Stack(cfg.encoder, self.compute, causal=False)
+    self.decoder = Stack(cfg.decoder, self.compute, causal=True,
+                         cross_kv_dim=cfg.encoder.embed_dim)
+
+  def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
+             encoder_positions: Array | None = None) -> Array:
+    """Encoder tokens [B, S] -> final-normed encoder states [B, S, De]."""
+    segments, positions = _segments_and_positions(encoder_input_tokens, encoder_segment_ids,
+                                                  encoder_positions)
+    return self.encoder(encoder_input_tokens, segments, positions)
+
+  def decode(self, encoded: Array, encoder_segment_ids: Array, decoder_input_tokens: Array,
+             decoder_segment_ids: Array | None = None,
+             decoder_positions: Array | None = None) -> Array:
+    """Encoder states [B, S, De] and decoder input tokens [B, T] -> float32 logits [B, T, V]."""
+    segments, positions = _segments_and_positions(decoder_input_tokens, decoder_segment_ids,
+                                                  decoder_positions)
+    hidden = self.decoder(decoder_input_tokens, segments, positions, encoded,
+                          encoder_segment_ids)
+    return self.decoder.logits(hidden)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+               encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None,
+               encoder_positions: Array | None = None,
+               decoder_positions: Array | None = None) -> Array:
+    """Teacher-forced forward: tokens [B, S] and [B, T] -> float32 logits [B, T, V]."""
+    if encoder_segment_ids is None:
+      encoder_segment_ids = segments_from_tokens(encoder_input_tokens)
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions)
+    return self.decode(encoded, encoder_segment_ids, decoder_input_tokens, decoder_segment_ids,
+                       decoder_positions)
+
+
+def make_model(config: ModelConfig, compute: ComputeConfig = ComputeConfig()) -> nn.Module:
+  """The Flax module for `config`: `T5Gemma` for an encoder-decoder, else `Gemma2`."""
+  if isinstance(config, EncoderDecoderConfig):
+    return T5Gemma(config, compute)
+  return Gemma2(config, compute)
+
+
+def dummy_inputs(config: ModelConfig) -> tuple[Array, ...]:
+  """Smallest valid model inputs, for `init` and `eval_shape`."""
+  tokens = jnp.ones((1, 1), jnp.int32)
+  return (tokens, tokens) if isinstance(config, EncoderDecoderConfig) else (tokens,)
+
+
+def init_params(config: ModelConfig, compute: ComputeConfig, rng: Array) -> dict:
+  """Randomly initialised parameters (logical-axis boxes removed)."""
+  model = make_model(config, compute)
+  return nn.unbox(model.init(rng, *dummy_inputs(config)))["params"]
+
+
+def abstract_params(config: ModelConfig, compute: ComputeConfig, boxed: bool = False) -> dict:
+  """Parameter shapes and dtypes without allocating (jax.eval_shape of `init`).
+
+  boxed: keep the `nn.LogicallyPartitioned` boxes that carry logical axis names.
+  """
+  model = make_model(config, compute)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs(config)))
+  return shapes["params"] if boxed else nn.unbox(shapes)["params"]
