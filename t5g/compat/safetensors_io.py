@@ -153,5 +153,5 @@ def _write_file(path: str, shard, produce) -> None:
       tensor = np.ascontiguousarray(produce(name), dtype=dtype)
       if tensor.shape != shape:
         raise ValueError(f"{path}: tensor {name!r} has shape {tensor.shape}, planned {shape}")
-      f.write(tensor.data if tensor.size else b"")
+      f.write(tensor.reshape(-1).view(np.uint8).data)
       del tensor
