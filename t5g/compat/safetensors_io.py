@@ -57,9 +57,6 @@ class SafetensorsFolder:
   def __contains__(self, key: str) -> bool:
     return key in self._entries
 
-  def shape(self, key: str) -> tuple[int, ...]:
-    return tuple(self._entries[key][1]["shape"])
-
   def get(self, key: str) -> np.ndarray:
     """The tensor `key` as a read-only view of the mapped file."""
     if key not in self._entries:
