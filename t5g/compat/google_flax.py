@@ -1,132 +1,222 @@
 """Google's Flax parameter trees (google-deepmind/gemma, NESTED layout) <-> t5g parameters.
 
-Per stack: `embedder/input_embedding [Vg, D]` (Vg may exceed the vocabulary: 256128 rows for
-256000 tokens), `layer_{i}/attn/{q_einsum [N,D,H], kv_einsum [2,K,D,H]}` or `qkv_einsum
-[3,N,D,H]` (multi-head presets), `attn_vec_einsum [N,H,D]`, the same under `cross_attn` (always
-q + kv), `mlp/gating_einsum [2,D,F]` ([2,F,D] when transposed, as in 9B/27B), `mlp/linear
-[F,D]`, the norms' `scale`, `final_norm/scale`. T5Gemma trees are {'encoder', 'decoder'}; a
-Gemma 2 tree is one stack. Facts file §3.2-3.4. Reading files (FLAT/NESTED Orbax) builds on
-this with the checkpoint issue.
+Facts file §1.2, §3.2-3.4. Per stack, Google has `embedder/input_embedding [Vg, D]` (Vg may
+exceed the vocabulary: 256128 rows for 256000 tokens), `layer_{i}/attn/q_einsum/w [N, D, H]` +
+`kv_einsum/w [2, K, D, H]`, or `qkv_einsum/w [3, N, D, H]` when K == N, `attn_vec_einsum/w
+[N, H, D]`, the same under `cross_attn` (always q + kv, keys of the encoder's width),
+`mlp/gating_einsum [2, D, F]` ([2, F, D] when transposed, as in 9B/27B; gate first, then the
+linear branch), `mlp/linear [F, D]` (either may hold `{'w': ...}`), the norms' `scale`, and
+`final_norm/scale`. T5Gemma trees are {'encoder': stack, 'decoder': stack}; a Gemma 2 tree is
+one stack, optionally under 'transformer'. t5g kernels put heads after the input width
+([D, N, H] for q/k/v) and split the gating into gate_proj/up_proj [D, F].
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from t5g.model import layout
-from t5g.model.config import ModelConfig
+from t5g.model.config import EncoderDecoderConfig, ModelConfig
 
-_NORMS = ("pre_attention_norm", "post_attention_norm", "pre_cross_attention_norm",
-          "post_cross_attention_norm", "pre_ffw_norm", "post_ffw_norm")
+Tree = Mapping[str, Any]
+# bool for every stack, {stack: bool} per stack (9B-2B: encoder only), None to detect by shape.
+TransposeGating = bool | Mapping[str, bool] | None
+
+_SELF_NORMS = ("pre_attention_norm", "post_attention_norm")
+_CROSS_NORMS = ("pre_cross_attention_norm", "post_cross_attention_norm")
 
 
-def _leaf(tree: Any, path: tuple[str, ...]) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class GoogleMap:
+  """One Google tensor and the t5g parameters it holds.
+
+  subs: the t5g sub-paths; a fused tensor (qkv_einsum, kv_einsum, gating_einsum) stacks them
+  along a new leading axis in this order. kind, per part: 'copy', 'embed' (Google rows beyond
+  vocab_size are dropped on reading, zeros on writing), 'heads' (Google [N, D, H] <-> t5g
+  [D, N, H]) or 'transpose' (Google [F, D] <-> t5g [D, F]).
+  """
+
+  path: tuple[str, ...]
+  stack: str
+  layer: int | None
+  subs: tuple[tuple[str, ...], ...]
+  kind: str
+
+
+def _stack_root(config: ModelConfig, stack: str, prefix: tuple[str, ...]) -> tuple[str, ...]:
+  """Path of one stack's subtree in a Google tree whose model sits under `prefix`."""
+  return (*prefix, stack) if isinstance(config, EncoderDecoderConfig) else prefix
+
+
+def _layer_maps(root: tuple[str, ...], stack: str, num_heads_equal: bool, layer: int,
+                transposed: bool) -> Iterator[GoogleMap]:
+  """The Google tensors of one layer, in block order (num_heads_equal: K == N)."""
+  lp = (*root, f"layer_{layer}")
+
+  def entry(path, subs, kind="copy"):
+    return GoogleMap((*lp, *path), stack, layer, subs, kind)
+
+  def norm(name):
+    return entry((name, "scale"), ((name, "scale"),))
+
+  blocks = [("attn", _SELF_NORMS)] + ([("cross_attn", _CROSS_NORMS)]
+                                      if stack == "decoder" else [])
+  for block, (pre, post) in blocks:
+    q, k, v = ((block, name) for name in ("q_proj", "k_proj", "v_proj"))
+    yield norm(pre)
+    if block == "attn" and num_heads_equal:
+      yield entry((block, "qkv_einsum", "w"), (q, k, v), "heads")
+    else:
+      yield entry((block, "q_einsum", "w"), (q,), "heads")
+      yield entry((block, "kv_einsum", "w"), (k, v), "heads")
+    yield entry((block, "attn_vec_einsum", "w"), ((block, "o_proj"),))
+    yield norm(post)
+  yield norm("pre_ffw_norm")
+  yield entry(("mlp", "gating_einsum"), (("mlp", "gate_proj"), ("mlp", "up_proj")),
+              "transpose" if transposed else "copy")
+  yield entry(("mlp", "linear"), (("mlp", "down_proj"),))
+  yield norm("post_ffw_norm")
+
+
+def tensor_maps(config: ModelConfig, transposed: Mapping[str, bool],
+                prefix: tuple[str, ...] = ()) -> Iterator[GoogleMap]:
+  """Every Google tensor of a model with `config`; transposed[stack]: gating is [2, F, D]."""
+  for stack, cfg in layout.stacks(config).items():
+    root = _stack_root(config, stack, prefix)
+    yield GoogleMap((*root, "embedder", "input_embedding"), stack, None,
+                    (("embedder", "embedding"),), "embed")
+    for i in range(cfg.num_layers):
+      yield from _layer_maps(root, stack, cfg.num_kv_heads == cfg.num_heads, i,
+                             transposed[stack])
+    yield GoogleMap((*root, "final_norm", "scale"), stack, None, (("final_norm", "scale"),),
+                    "copy")
+
+
+def _convert_part(kind: str, x: np.ndarray) -> np.ndarray:
+  """t5g array <-> one Google part ([D, N, H] <-> [N, D, H]; [D, F] <-> [F, D]); an involution."""
+  if kind == "heads":
+    return x.transpose(1, 0, 2)
+  if kind == "transpose":
+    return x.T
+  return x
+
+
+def _part_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The Google shape of one part of a t5g parameter of `shape`."""
+  return tuple(_convert_part(kind, np.broadcast_to(np.int8(0), shape)).shape)
+
+
+def _lookup(tree: Tree, path: tuple[str, ...]) -> tuple[Any, tuple[str, ...]]:
+  """(the leaf at `path`, its full path): einsums stored as {'w': leaf} are looked into."""
   node = tree
   for key in path:
-    if not isinstance(node, dict) or key not in node:
-      raise KeyError("/".join(path))
+    if not isinstance(node, Mapping) or key not in node:
+      raise ValueError(f"Google tree: missing key {'/'.join(path)}")
     node = node[key]
-  if isinstance(node, dict):  # FLAT-style {'w': ...} under mlp/gating_einsum and mlp/linear.
-    node = node.get("w")
-  return np.asarray(node)
+  if isinstance(node, Mapping) and set(node) == {"w"}:
+    return node["w"], (*path, "w")
+  return node, path
 
 
-def _google_stack(tree: Any, stack: str) -> Any:
-  if stack == "transformer":
-    return tree.get("transformer", tree)
-  return tree[stack]
-
-
-def _layer_values(g: Any, prefix: str, cfg, has_cross: bool, transpose_gating: bool | None):
-  """Yields (t5g sub-path, value) for one Google layer dict."""
-  for block in ("attn", "cross_attn") if has_cross else ("attn",):
-    base = (prefix, block)
-    if block == "attn" and "qkv_einsum" in g[prefix][block]:
-      q, k, v = _leaf(g, (*base, "qkv_einsum", "w"))
+def _leaf_paths(tree: Tree, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+  """Paths of every leaf of a nested dict."""
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      yield from _leaf_paths(value, (*prefix, key))
     else:
-      q = _leaf(g, (*base, "q_einsum", "w"))
-      k, v = _leaf(g, (*base, "kv_einsum", "w"))
-    for name, value in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-      yield (block, name), value.transpose(1, 0, 2)  # [N, D, H] -> [D, N, H]
-    yield (block, "o_proj"), _leaf(g, (*base, "attn_vec_einsum", "w"))
-  for norm in _NORMS:
-    if norm in g[prefix]:
-      yield (norm, "scale"), _leaf(g, (prefix, norm, "scale"))
-  gating = _leaf(g, (prefix, "mlp", "gating_einsum"))
-  transposed = transpose_gating
-  if transposed is None:
+      yield (*prefix, key)
+
+
+def _given(transpose_gating: TransposeGating, stack: str) -> bool | None:
+  """The caller's gating layout for `stack`, or None."""
+  if isinstance(transpose_gating, Mapping):
+    return transpose_gating.get(stack)
+  return transpose_gating
+
+
+def _detect_transposed(tree: Tree, config: ModelConfig, prefix: tuple[str, ...],
+                       transpose_gating: TransposeGating) -> dict[str, bool]:
+  """Per stack, whether gating_einsum is [2, F, D]: as given, else from layer 0's shape."""
+  out = {}
+  for stack, cfg in layout.stacks(config).items():
+    given = _given(transpose_gating, stack)
+    if given is not None:
+      out[stack] = bool(given)
+      continue
+    path = (*_stack_root(config, stack, prefix), "layer_0", "mlp", "gating_einsum")
     if cfg.hidden_dim == cfg.embed_dim:
-      raise ValueError(f"{prefix}/mlp/gating_einsum: hidden_dim == embed_dim; pass "
-                       "transpose_gating explicitly")
-    transposed = gating.shape[1] == cfg.hidden_dim
-  gate, up = (gating[0].T, gating[1].T) if transposed else (gating[0], gating[1])
-  yield ("mlp", "gate_proj"), gate
-  yield ("mlp", "up_proj"), up
-  yield ("mlp", "down_proj"), _leaf(g, (prefix, "mlp", "linear"))
+      raise ValueError(f"Google tree: {'/'.join(path)}: hidden_dim == embed_dim == "
+                       f"{cfg.embed_dim}, so [2, D, F] and [2, F, D] look alike; pass "
+                       "transpose_gating")
+    gating, _ = _lookup(tree, path)
+    out[stack] = tuple(np.shape(gating)[1:]) == (cfg.hidden_dim, cfg.embed_dim)
+  return out
 
 
-def from_google(tree: Any, config: ModelConfig, scanned: bool, abstract: dict,
-                transpose_gating: bool | None = None) -> dict:
-  """t5g numpy params (layout of `abstract`) from a Google NESTED tree; errors name the key."""
+def from_google(tree: Tree, config: ModelConfig, scanned: bool, abstract: dict,
+                transpose_gating: TransposeGating = None) -> dict:
+  """t5g numpy params in the layout of `abstract` from a Google NESTED tree.
+
+  abstract: `t5g.model.abstract_params(config, ComputeConfig(scan_layers=scanned))`.
+  transpose_gating: required where hidden_dim == embed_dim, else detected from the shapes.
+  Missing, misshapen and unexpected Google keys raise ValueError naming the key.
+  """
+  t5 = isinstance(config, EncoderDecoderConfig)
+  prefix = ("transformer",) if not t5 and list(tree) == ["transformer"] else ()
+  transposed = _detect_transposed(tree, config, prefix, transpose_gating)
   params = layout.allocate(abstract)
-  for stack in layout.stacks(config):
-    try:
-      _stack_from_google(params, _google_stack(tree, stack), config, scanned, stack,
-                         transpose_gating)
-    except KeyError as e:
-      raise KeyError(f"Google tree: missing key {stack}/{e.args[0]}") from None
+  seen = set()
+  for m in tensor_maps(config, transposed, prefix):
+    w, path = _lookup(tree, m.path)
+    key = "/".join(path)
+    targets = [layout.get(abstract, config, scanned, m.stack, m.layer, s) for s in m.subs]
+    part = _part_shape(m.kind, targets[0].shape)
+    fused = len(m.subs) > 1
+    shape, expected = tuple(np.shape(w)), ((len(m.subs), *part) if fused else part)
+    if m.kind == "embed":
+      if len(shape) != 2 or shape[0] < part[0] or shape[1] != part[1]:
+        raise ValueError(f"Google tree: {key} has shape {shape}, the config implies "
+                         f"(>= {part[0]}, {part[1]})")
+      w = w[:part[0]]
+    elif shape != expected:
+      raise ValueError(f"Google tree: {key} has shape {shape}, the config implies {expected}")
+    for sub, target, value in zip(m.subs, targets, w if fused else [w]):
+      layout.put(params, config, scanned, m.stack, m.layer, sub,
+                 _convert_part(m.kind, np.asarray(value, dtype=target.dtype)))
+    seen.add(path)
+  unexpected = ["/".join(p) for p in _leaf_paths(tree) if p not in seen]
+  if unexpected:
+    raise ValueError(f"Google tree: unexpected key(s) {unexpected[:5]}"
+                     f"{' ...' if len(unexpected) > 5 else ''} for this config")
   return params
 
 
-def _stack_from_google(params, g, config, scanned, stack, transpose_gating) -> None:
-  """Fills `params[stack]` from one Google stack tree `g`."""
-  cfg = layout.stacks(config)[stack]
-  table = _leaf(g, ("embedder", "input_embedding"))
-  if table.shape[0] < cfg.vocab_size or table.shape[1] != cfg.embed_dim:
-    raise ValueError(f"Google tree: {stack}/embedder/input_embedding has shape {table.shape}, "
-                     f"expected at least ({cfg.vocab_size}, {cfg.embed_dim})")
-  layout.put(params, config, scanned, stack, None, ("embedder", "embedding"),
-             table[:cfg.vocab_size])
-  layout.put(params, config, scanned, stack, None, ("final_norm", "scale"),
-             _leaf(g, ("final_norm", "scale")))
-  for i in range(cfg.num_layers):
-    for sub, value in _layer_values(g, f"layer_{i}", cfg, stack == "decoder",
-                                    transpose_gating):
-      try:
-        layout.put(params, config, scanned, stack, i, sub, value)
-      except ValueError as e:
-        raise ValueError(f"Google tree: {stack}/layer_{i}/{'/'.join(sub)}: {e}") from None
+def to_google(params: dict, config: ModelConfig, scanned: bool,
+              transpose_gating: bool | Mapping[str, bool] = False,
+              num_embed: int | None = None) -> dict:
+  """A Google NESTED tree of numpy arrays from t5g params (unwrapped for Gemma 2).
 
-
-def to_google(params: dict, config: ModelConfig, scanned: bool, num_embed: int | None = None,
-              transpose_gating: bool = False) -> dict:
-  """A Google NESTED tree (q/kv einsums; qkv_einsum is never written) from t5g params.
-
-  num_embed: embedding rows to write (extra rows are zeros), e.g. 256128.
+  Self-attention is written as qkv_einsum when K == N, as Google's modules expect.
+  transpose_gating: write gating_einsum as [2, F, D] (all stacks, or {stack: bool}).
+  num_embed: rows of each embedding table (the extra rows are zeros), e.g. 256128.
   """
-  tree = {}
-  for stack, cfg in layout.stacks(config).items():
-    get = lambda layer, *sub: np.asarray(layout.get(params, config, scanned, stack, layer, sub))
-    table = get(None, "embedder", "embedding")
-    rows = num_embed or table.shape[0]
-    padded = np.zeros((rows, table.shape[1]), table.dtype)
-    padded[:table.shape[0]] = table
-    out = {"embedder": {"input_embedding": padded},
-           "final_norm": {"scale": get(None, "final_norm", "scale")}}
-    for i in range(cfg.num_layers):
-      layer = {}
-      for block in ("attn", "cross_attn") if stack == "decoder" else ("attn",):
-        q, k, v = (get(i, block, n).transpose(1, 0, 2) for n in ("q_proj", "k_proj", "v_proj"))
-        layer[block] = {"q_einsum": {"w": q}, "kv_einsum": {"w": np.stack([k, v])},
-                        "attn_vec_einsum": {"w": get(i, block, "o_proj")}}
-      for norm in _NORMS:
-        if "cross" not in norm or stack == "decoder":
-          layer[norm] = {"scale": get(i, norm, "scale")}
-      gate, up = get(i, "mlp", "gate_proj"), get(i, "mlp", "up_proj")
-      gating = np.stack([gate.T, up.T] if transpose_gating else [gate, up])
-      layer["mlp"] = {"gating_einsum": gating, "linear": get(i, "mlp", "down_proj")}
-      out[f"layer_{i}"] = layer
-    tree[stack] = out
+  transposed = {stack: bool(_given(transpose_gating, stack))
+                for stack in layout.stacks(config)}
+  tree: dict = {}
+  for m in tensor_maps(config, transposed):
+    parts = [_convert_part(m.kind, np.asarray(
+        layout.get(params, config, scanned, m.stack, m.layer, sub))) for sub in m.subs]
+    value = parts[0] if len(parts) == 1 else np.stack(parts)
+    if m.kind == "embed" and num_embed is not None:
+      if num_embed < value.shape[0]:
+        raise ValueError(f"num_embed={num_embed} < vocab_size={value.shape[0]}")
+      value = np.concatenate([value, np.zeros((num_embed - value.shape[0], value.shape[1]),
+                                              value.dtype)])
+    node = tree
+    for key in m.path[:-1]:
+      node = node.setdefault(key, {})
+    node[m.path[-1]] = value
   return tree

@@ -77,5 +77,8 @@ class Attention(nn.Module):
     logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     encoded = jnp.einsum("bkgts,bskh->btkgh", probs, value).reshape(b, t, n, h)
+    # A query with no visible key (e.g. an all-padding encoder input) reads zeros, as in
+    # Google's reference, rather than an average of padding.
+    encoded = jnp.where(mask.any(axis=-1)[:, :, None, None], encoded, 0)
     encoded = constrain(encoded, ("batch", "length", "heads", "head_dim"))
     return jnp.einsum("btnh,nhd->btd", encoded, o_w.astype(self.dtype))
