@@ -1,13 +1,16 @@
 """The `t5g` command line (also `python -m t5g`): one sub-command per job.
 
-    t5g import --input=HF_OR_T5G_DIR --output=T5G_DIR [--scan_layers=true]
+    t5g import --input=SRC --output=T5G_DIR [--scan_layers=true] [--config=PRESET_OR_JSON]
+    t5g adapt  --encoder=SRC --decoder=SRC --output=T5G_DIR [--cross_attention=auto|copy|random]
+               [--seed=N] [--scan_layers=true] [--encoder_config=..] [--decoder_config=..]
     t5g export --checkpoint=T5G_DIR [--step=N] --output=HF_DIR [--dtype=float32|bfloat16]
                [--no-verify]
     t5g score  --checkpoint=T5G_DIR [--step=N] --input=IN.jsonl --output=OUT.jsonl
                [--vocabulary=tokenizer.model] [--batch_size=8]
     t5g demo   [--output=DIR]   (the embedded default run; see README)
 
-Errors in the input (a path, a key, a shape) end the command with a one-line message and exit
+SRC is a Hugging Face folder, a t5g checkpoint directory or a Google Flax/Orbax checkpoint
+(FLAT or NESTED), detected from its files. Errors in the input (a path, a key, a shape) end the command with a one-line message and exit
 status 2; nothing is left half-written.
 """
 
@@ -27,10 +30,28 @@ def _bool(value: str) -> bool:
   raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def _config(value: str | None):
+  from t5g.compat import convert
+  return None if value is None else convert.config_from_arg(value)
+
+
 def _cmd_import(args) -> None:
   from t5g.compat import convert
-  kind = convert.import_checkpoint(args.input, args.output, scan_layers=args.scan_layers)
+  kind = convert.import_checkpoint(args.input, args.output, scan_layers=args.scan_layers,
+                                   config=_config(args.config))
   print(f"imported {kind} checkpoint {args.input} -> {args.output} (step 0)")
+
+
+def _cmd_adapt(args) -> None:
+  from t5g.compat import convert
+  adapted = convert.adapt_checkpoint(
+      args.encoder, args.decoder, args.output, cross_attention=args.cross_attention,
+      seed=args.seed, scan_layers=args.scan_layers,
+      encoder_config=_config(args.encoder_config), decoder_config=_config(args.decoder_config))
+  new = adapted.new_parameters()
+  print(f"adapted encoder={args.encoder} decoder={args.decoder} -> {args.output} (step 0); "
+        f"cross-attention: {adapted.cross_attention}"
+        + (f"; new parameters to warm up: {', '.join(new)}" if new else ""))
 
 
 def _cmd_export(args) -> None:
@@ -73,11 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="t5g", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
 
-  p = sub.add_parser("import", help="HF folder or t5g dir -> t5g checkpoint dir (step 0)")
+  p = sub.add_parser("import", help="HF, Google or t5g checkpoint -> t5g checkpoint dir")
   p.add_argument("--input", required=True)
   p.add_argument("--output", required=True)
   p.add_argument("--scan_layers", type=_bool, default=True)
+  p.add_argument("--config", help="preset name or config JSON (Google checkpoints whose "
+                 "sizes match no preset)")
   p.set_defaults(fn=_cmd_import)
+
+  p = sub.add_parser("adapt", help="two Gemma 2 checkpoints -> T5Gemma t5g checkpoint (step 0)")
+  p.add_argument("--encoder", required=True)
+  p.add_argument("--decoder", required=True)
+  p.add_argument("--output", required=True)
+  p.add_argument("--cross_attention", choices=("auto", "copy", "random"), default="auto",
+                 help="auto: copy self-attention when the stacks are equal, else random")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--scan_layers", type=_bool, default=True)
+  p.add_argument("--encoder_config")
+  p.add_argument("--decoder_config")
+  p.set_defaults(fn=_cmd_adapt)
 
   p = sub.add_parser("export", help="t5g checkpoint step -> HF folder")
   p.add_argument("--checkpoint", required=True)

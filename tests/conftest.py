@@ -28,3 +28,11 @@ def hf_gemma2_dir(tmp_path_factory):
   folder = str(tmp_path_factory.mktemp("hf_gemma2"))
   hf_models.tiny_gemma2(seed=1).save_pretrained(folder)
   return folder
+
+
+@pytest.fixture(scope="session")
+def hf_gemma2_wide_dir(tmp_path_factory):
+  """A wider tiny Gemma2ForCausalLM folder (3 x 96, one KV head)."""
+  folder = str(tmp_path_factory.mktemp("hf_gemma2_wide"))
+  hf_models.tiny_gemma2_wide(seed=2).save_pretrained(folder)
+  return folder

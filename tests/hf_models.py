@@ -48,6 +48,14 @@ def tiny_gemma2(seed=1):
   return _spice(transformers.Gemma2ForCausalLM(config), seed)
 
 
+def tiny_gemma2_wide(seed=2):
+  """Decoder-only, 3 layers x 96, 4 heads over 1 KV head: the encoder side of an unbalanced pair."""
+  torch.manual_seed(seed)
+  config = transformers.Gemma2Config(**_module_fields(3, 96, 160, 4, 1, 24),
+                                     attn_implementation="eager")
+  return _spice(transformers.Gemma2ForCausalLM(config), seed)
+
+
 def load_t5gemma(folder, encoder_window=WINDOW - 1):
   """Loads a T5Gemma folder with eager attention; the encoder window set to W - 1.
 

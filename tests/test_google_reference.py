@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 from t5g.compat import google_flax
-from t5g.model import (BOS_ID, EncoderDecoderConfig, StackConfig, abstract_params,
-                       make_model)
+from t5g.model import BOS_ID, EncoderDecoderConfig, StackConfig, make_model
 from t5g.model.config import FP32
 
 t5gemma = pytest.importorskip("gemma.research.t5gemma.t5gemma")
@@ -87,8 +86,7 @@ def _t5g_logits(config, params, scanned: bool, *tokens) -> np.ndarray:
 
 def _from_google(google, config, scanned: bool = False, **kw) -> dict:
   """t5g params converted from a Google tree."""
-  compute = dataclasses.replace(FP32, scan_layers=scanned)
-  return google_flax.from_google(google, config, scanned, abstract_params(config, compute), **kw)
+  return google_flax.from_google(google, config, scanned, **kw)
 
 
 @pytest.fixture(scope="module", params=sorted(PRESETS))

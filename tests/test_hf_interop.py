@@ -49,11 +49,8 @@ def test_gemma2_round_trip_and_bfloat16_export(hf_gemma2_dir, tmp_path):
 
 
 def test_sharded_folder_round_trip(hf_t5gemma_dir, tmp_path):
-  from t5g.model import ComputeConfig, abstract_params
-  config, params = hf_checkpoints.load(
-      hf_t5gemma_dir, lambda c: abstract_params(c, ComputeConfig(scan_layers=False)), False)
   out = str(tmp_path / "sharded")
-  hf_checkpoints.save(out, params, config, False, max_shard_bytes=200_000)
+  hf_checkpoints.save(out, hf_checkpoints.HFSource(hf_t5gemma_dir), max_shard_bytes=200_000)
   files = [f for f in os.listdir(out) if f.endswith(".safetensors")]
   assert len(files) > 1 and os.path.exists(os.path.join(out, safetensors_io.INDEX_FILE))
   import transformers

@@ -19,7 +19,7 @@ TOLERANCE = 1e-4
 
 def _load(folder, scanned):
   compute = dataclasses.replace(FP32, scan_layers=scanned)
-  config, params = hf_checkpoints.load(folder, lambda c: abstract_params(c, compute), scanned)
+  config, params = hf_checkpoints.load(folder, scanned)
   return make_model(config, compute), params
 
 

@@ -1,15 +1,20 @@
 """The t5g checkpoint directory: Orbax steps, each self-describing.
 
     T5G_DIR/<step>/params/   Orbax PyTree of the model parameters (numpy/jax arrays)
-    T5G_DIR/<step>/model/    JSON: {"model": <config_to_json>, "param_layout": "scanned"|...}
+    T5G_DIR/<step>/model/    JSON: {"model": <config_to_json>, "param_layout": "scanned"|...,
+                                   "new_parameters": [...] (optional, see `save`)}
 
 Nothing else is needed to load a step: the config saved beside the weights rebuilds the model.
 Orbax writes each step under a temporary name and renames it when complete, so a step either
 exists whole or not at all. Loading reads JSON and tensor data only (nothing is unpickled).
+A training run's directory (`t5g.checkpoints.manager`) holds these two items in every step, next
+to the optimizer and trainer state, so everything here reads it too. `load` gives numpy arrays;
+`restore_params` places the parameters as a target says (e.g. sharded, to start a fine-tune).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, NamedTuple
 
@@ -46,14 +51,30 @@ def is_model_dir(directory: str) -> bool:
   return bool(found) and os.path.isdir(os.path.join(directory, str(found[-1]), MODEL_ITEM))
 
 
-def save(directory: str, step: int, params: Any, config: ModelConfig, scanned: bool) -> None:
-  """Saves `params` (in the `scanned` or unscanned layout) and the model config as `step`."""
+def model_item(config: ModelConfig, scanned: bool,
+               new_parameters: list[str] | None = None) -> dict:
+  """The JSON of a step's `model` item (see `save` for new_parameters)."""
   meta = {"model": config_to_json(config), "param_layout": LAYOUTS[scanned]}
+  if new_parameters:
+    meta["new_parameters"] = list(new_parameters)
+  return meta
+
+
+def save(directory: str, step: int, params: Any, config: ModelConfig, scanned: bool,
+         new_parameters: list[str] | None = None) -> None:
+  """Saves `params` (in the `scanned` or unscanned layout) and the model config as `step`.
+
+  new_parameters: layout-independent names ("decoder/cross_attn/k_proj": that sub-path in every
+  layer of the stack) of parameters that were freshly initialised rather than adapted, for the
+  trainer's warmup; recorded in the model item and returned by `read_metadata`.
+  params may hold `t5g.checkpoints.lazy.LazyArray` leaves, written one at a time.
+  """
+  meta = model_item(config, scanned, new_parameters)
   with _manager(directory, create=True) as mgr:
     if step in mgr.all_steps():
       raise FileExistsError(f"{directory}: step {step} already exists")
     mgr.save(step, args=ocp.args.Composite(**{
-        PARAMS_ITEM: ocp.args.StandardSave(params), MODEL_ITEM: ocp.args.JsonSave(meta)}))
+        PARAMS_ITEM: ocp.args.PyTreeSave(params), MODEL_ITEM: ocp.args.JsonSave(meta)}))
     mgr.wait_until_finished()
 
 
@@ -68,15 +89,26 @@ def _resolve_step(directory: str, step: int | None) -> int:
   return step
 
 
-def read_model(directory: str, step: int | None = None) -> tuple[ModelConfig, bool, int]:
-  """(config, scanned, step) of a saved step (latest when `step` is None)."""
+def read_metadata(directory: str, step: int | None = None) -> tuple[dict, int]:
+  """(the model item's JSON, step) of a saved step (latest when `step` is None)."""
   step = _resolve_step(directory, step)
   path = os.path.join(directory, str(step), MODEL_ITEM)
   with _manager(directory) as mgr:
-    meta = mgr.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))[
-        MODEL_ITEM]
-  if meta.get("param_layout") not in LAYOUTS.values():
-    raise ValueError(f"{path}: param_layout={meta.get('param_layout')!r}")
+    try:
+      meta = mgr.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))[
+          MODEL_ITEM]
+    except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files.
+      raise ValueError(f"{path}: cannot read ({short_error(e)})") from None
+  if not isinstance(meta, dict) or meta.get("param_layout") not in LAYOUTS.values():
+    raise ValueError(f"{path}: param_layout="
+                     f"{meta.get('param_layout') if isinstance(meta, dict) else meta!r}")
+  return meta, step
+
+
+def read_model(directory: str, step: int | None = None) -> tuple[ModelConfig, bool, int]:
+  """(config, scanned, step) of a saved step (latest when `step` is None)."""
+  meta, step = read_metadata(directory, step)
+  path = os.path.join(directory, str(step), MODEL_ITEM)
   return (config_from_json(meta["model"], where=path), meta["param_layout"] == "scanned", step)
 
 
@@ -89,6 +121,26 @@ class Loaded(NamedTuple):
   scanned: bool
 
 
+def read_params(directory: str, step: int, abstract: Any) -> Any:
+  """The `params` item of `step`, restored onto `abstract` (jax.ShapeDtypeStruct leaves; their
+  dtype is the one restored, their `sharding` where the arrays go)."""
+  with _manager(directory) as mgr:
+    try:
+      return mgr.restore(step, args=ocp.args.Composite(**{
+          PARAMS_ITEM: ocp.args.StandardRestore(abstract)}))[PARAMS_ITEM]
+    except Exception as e:  # TensorStore read errors (missing, truncated files) are bare.
+      raise ValueError(f"{os.path.join(directory, str(step), PARAMS_ITEM)}: cannot restore "
+                       f"({short_error(e)})") from None
+
+
+def short_error(error: BaseException) -> str:
+  """'<type>: <first line>' of the error's root cause (TensorStore's names the array and file)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
+
+
 def load(directory: str, step: int | None = None, scanned: bool | None = None) -> Loaded:
   """Loads a step (latest when None). scanned: target layout (None: as saved)."""
   config, saved_scanned, step = read_model(directory, step)
@@ -96,16 +148,37 @@ def load(directory: str, step: int | None = None, scanned: bool | None = None) -
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
       abstract_params(config, ComputeConfig(scan_layers=saved_scanned)))
-  with _manager(directory) as mgr:
-    try:
-      restored = mgr.restore(step, args=ocp.args.Composite(**{
-          PARAMS_ITEM: ocp.args.StandardRestore(abstract)}))[PARAMS_ITEM]
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise ValueError(f"{os.path.join(directory, str(step), PARAMS_ITEM)}: cannot restore "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
-  params = jax.tree_util.tree_map(np.asarray, restored)
+  params = jax.tree_util.tree_map(np.asarray, read_params(directory, step, abstract))
   if scanned is None or scanned == saved_scanned:
     return Loaded(config, params, step, saved_scanned)
   target = abstract_params(config, ComputeConfig(scan_layers=scanned))
   return Loaded(config, layout.convert(params, config, saved_scanned, target, scanned), step,
                 scanned)
+
+
+def differences(saved: Any, expected: Any, path: str = "") -> list[str]:
+  """'key: saved X, expected Y' for each leaf in which two JSON trees differ."""
+  if isinstance(saved, dict) and isinstance(expected, dict):
+    return [d for k in sorted(set(saved) | set(expected))
+            for d in differences(saved.get(k), expected.get(k), f"{path}/{k}" if path else k)]
+  return [] if saved == expected else [f"{path}: saved {saved!r}, expected {expected!r}"]
+
+
+def restore_params(directory: str, target: Any, config: ModelConfig, scanned: bool,
+                   step: int | None = None) -> tuple[Any, int]:
+  """(params, step) of a step (latest when None), e.g. to start a fine-tune from, restored onto
+  `target` (jax.ShapeDtypeStruct leaves with `sharding=`, or arrays: the dtype and placement to
+  restore as). The saved config must be `config`; another saved layout than `scanned` is
+  converted on the host."""
+  meta, step = read_metadata(directory, step)
+  where = os.path.join(directory, str(step), MODEL_ITEM)
+  if config_from_json(meta["model"], where=where) != config:
+    found = differences(meta["model"], config_to_json(config))
+    raise ValueError(f"{where}: saved for another model: {', '.join(found)}")
+  if (meta["param_layout"] == "scanned") == scanned:
+    return read_params(directory, step, target), step
+  logging.info("%s: converting the %s layout on the host", where, meta["param_layout"])
+  loaded = load(directory, step, scanned=scanned)
+  params = jax.tree_util.tree_map(
+      lambda x, t: jax.device_put(np.asarray(x, t.dtype), t.sharding), loaded.params, target)
+  return params, step

@@ -1,7 +1,15 @@
-"""`t5g import` and `t5g export`: HF folders <-> t5g checkpoint directories."""
+"""`t5g import`, `t5g export` and `t5g adapt`: any supported checkpoint in, t5g or HF out.
+
+Formats are detected from the path: a Hugging Face folder (config.json + safetensors), a t5g
+checkpoint directory, or a Google Flax/Orbax checkpoint (FLAT or NESTED). Every conversion is a
+`ParamSource` written lazily, one tensor group at a time, so no whole model is held in memory.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import json
 import os
 
 import jax
@@ -9,41 +17,122 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from t5g.checkpoints import model_dir
-from t5g.compat import hf_checkpoints, hf_verify
-from t5g.model.config import ComputeConfig
-from t5g.model.models import abstract_params
+from t5g.checkpoints import lazy, model_dir
+from t5g.checkpoints.adapt import AdaptedSource
+from t5g.checkpoints.sources import ModelDirSource, ParamSource, materialize
+from t5g.compat import google_checkpoint, hf_checkpoints, hf_config, hf_verify
+from t5g.model.config import ModelConfig, config_from_json
+from t5g.model.presets import PRESETS, get_preset
 
 # Max |logit difference| accepted by the export check (float32 math on identical weights).
 VERIFY_TOLERANCE = 1e-3
+FORMATS = ("hf", "t5g", "google")
+
+
+def release_freed_tensors() -> None:
+  """Makes glibc return every freed buffer over 1 MiB to the system at once.
+
+  glibc otherwise raises its mmap threshold after the first large free (up to 32 MiB), and
+  later tensors of that size are carved from heap arenas that stay resident: a streamed
+  conversion would then grow towards the checkpoint's size. No-op without glibc.
+  """
+  name = ctypes.util.find_library("c")
+  libc = ctypes.CDLL(name) if name else None
+  if libc is not None and hasattr(libc, "mallopt"):
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; setting it also fixes the threshold.
 
 
 def detect(path: str) -> str:
-  """'hf' or 't5g'; anything else raises an error naming `path`."""
+  """'hf', 't5g' or 'google'; anything else raises an error naming `path`."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: does not exist")
   if hf_checkpoints.is_hf_folder(path):
     return "hf"
   if model_dir.is_model_dir(path):
     return "t5g"
-  raise ValueError(f"{path}: neither a Hugging Face folder (config.json + model.safetensors or "
-                   f"{'model.safetensors.index.json'}) nor a t5g checkpoint directory")
+  if google_checkpoint.is_google_checkpoint(path):
+    return "google"
+  raise ValueError(f"{path}: neither a Hugging Face folder (config.json + model.safetensors "
+                   "or model.safetensors.index.json), a t5g checkpoint directory, nor a Google "
+                   "Flax/Orbax checkpoint (_METADATA)")
 
 
-def import_checkpoint(input_path: str, output: str, scan_layers: bool = True,
-                      step: int = 0) -> str:
-  """Writes `input_path` (HF folder or t5g directory) as step `step` of t5g dir `output`."""
+def config_from_arg(value: str) -> ModelConfig:
+  """A config from a preset name, a t5g config JSON file or a HF config.json file."""
+  if value in PRESETS or not os.path.exists(value):
+    if not os.path.exists(value) and ("/" in value or value.endswith(".json")):
+      raise FileNotFoundError(f"config {value}: does not exist")
+    return get_preset(value)
+  try:
+    with open(value) as f:
+      d = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"config {value}: not a JSON file ({e})") from None
+  if isinstance(d, dict) and ("hidden_size" in d or "encoder" in d and "hidden_size" in
+                              d.get("encoder", {})):
+    return hf_config.config_from_hf(d, value)
+  return config_from_json(d, where=value)
+
+
+def open_source(path: str, config: ModelConfig | None = None,
+                step: int | None = None) -> ParamSource:
+  """A ParamSource over any supported checkpoint at `path`.
+
+  config: needed only for Google checkpoints whose sizes match no preset (HF and t5g
+  checkpoints carry theirs; a given config must then agree). step: for t5g directories.
+  """
+  kind = detect(path)
+  if kind == "google":
+    return google_checkpoint.open_google(path, config)
+  source = hf_checkpoints.HFSource(path) if kind == "hf" else ModelDirSource(path, step)
+  if config is not None and config != source.config:
+    source.close()
+    raise ValueError(f"{path}: its config differs from the one given: {source.config} vs "
+                     f"{config}")
+  return source
+
+
+def _refuse_existing(output: str) -> None:
+  if model_dir.steps(output) or (os.path.isdir(output) and os.listdir(output)):
+    raise FileExistsError(f"{output}: output directory exists and is not empty")
+
+
+def write_model_dir(source: ParamSource, output: str, scan_layers: bool = True,
+                    step: int = 0) -> None:
+  """Writes `source` as step `step` of a new t5g directory, one tensor group at a time."""
+  _refuse_existing(output)
+  model_dir.save(output, step, lazy.lazy_params(source, scan_layers), source.config,
+                 scan_layers, new_parameters=source.new_parameters())
+
+
+def import_checkpoint(input_path: str, output: str, scan_layers: bool = True, step: int = 0,
+                      config: ModelConfig | None = None) -> str:
+  """Writes any supported checkpoint as step `step` of t5g dir `output`; returns its format."""
+  release_freed_tensors()
   kind = detect(input_path)
-  if model_dir.steps(output):
-    raise FileExistsError(f"{output}: already holds t5g steps {model_dir.steps(output)}")
-  if kind == "hf":
-    config, params = hf_checkpoints.load(
-        input_path, lambda c: abstract_params(c, ComputeConfig(scan_layers=scan_layers)),
-        scan_layers)
-  else:
-    config, params = model_dir.load(input_path, scanned=scan_layers)[:2]
-  model_dir.save(output, step, params, config, scan_layers)
+  _refuse_existing(output)
+  with open_source(input_path, config) as source:
+    write_model_dir(source, output, scan_layers, step)
   return kind
+
+
+def adapt_checkpoint(encoder: str, decoder: str, output: str, cross_attention: str = "auto",
+                     seed: int = 0, scan_layers: bool = True,
+                     encoder_config: ModelConfig | None = None,
+                     decoder_config: ModelConfig | None = None) -> AdaptedSource:
+  """Writes the T5Gemma adapted from two Gemma 2 checkpoints as step 0 of `output`."""
+  release_freed_tensors()
+  _refuse_existing(output)
+  enc = open_source(encoder, encoder_config)
+  try:
+    same = os.path.realpath(encoder) == os.path.realpath(decoder) and (
+        decoder_config is None or decoder_config == enc.config)
+    dec = enc if same else open_source(decoder, decoder_config)
+    with AdaptedSource(enc, dec, cross_attention, seed) as adapted:
+      write_model_dir(adapted, output, scan_layers)
+  finally:
+    enc.close()
+  return adapted
 
 
 def export_checkpoint(checkpoint: str, output: str, step: int | None = None,
@@ -53,12 +142,14 @@ def export_checkpoint(checkpoint: str, output: str, step: int | None = None,
   verify: reload with transformers (when installed) and compare logits; raises above
   VERIFY_TOLERANCE, leaving the written folder for inspection.
   """
-  config, params, _, scanned = model_dir.load(checkpoint, step)
-  hf_checkpoints.save(output, params, config, scanned, dtype)
-  if not verify or not hf_verify.transformers_available():
-    return None
+  release_freed_tensors()
+  with ModelDirSource(checkpoint, step) as source:
+    hf_checkpoints.save(output, source, dtype)
+    if not verify or not hf_verify.transformers_available():
+      return None
+    params = materialize(source, source.scanned)
   stored = jax.tree_util.tree_map(lambda x: _round_to(x, dtype), params)
-  diff = hf_verify.max_logit_difference(output, stored, config, scanned)
+  diff = hf_verify.max_logit_difference(output, stored, source.config, source.scanned)
   if not diff <= VERIFY_TOLERANCE:
     raise RuntimeError(f"{output}: transformers' logits differ from t5g's by {diff:.3g} "
                        f"(> {VERIFY_TOLERANCE}); the export is suspect")

@@ -18,8 +18,10 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from t5g.checkpoints.sources import ParamSource, materialize
 from t5g.model import layout
-from t5g.model.config import EncoderDecoderConfig, ModelConfig
+from t5g.model.config import ComputeConfig, EncoderDecoderConfig, ModelConfig
+from t5g.model.models import abstract_params
 
 Tree = Mapping[str, Any]
 # bool for every stack, {stack: bool} per stack (9B-2B: encoder only), None to detect by shape.
@@ -109,6 +111,11 @@ def _part_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   return tuple(_convert_part(kind, np.broadcast_to(np.int8(0), shape)).shape)
 
 
+def _shape(leaf: Any) -> tuple[int, ...]:
+  """Shape of an array or of a stored leaf that only describes one (`.shape`)."""
+  return tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf))
+
+
 def _lookup(tree: Tree, path: tuple[str, ...]) -> tuple[Any, tuple[str, ...]]:
   """(the leaf at `path`, its full path): einsums stored as {'w': leaf} are looked into."""
   node = tree
@@ -121,11 +128,11 @@ def _lookup(tree: Tree, path: tuple[str, ...]) -> tuple[Any, tuple[str, ...]]:
   return node, path
 
 
-def _leaf_paths(tree: Tree, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+def leaf_paths(tree: Tree, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
   """Paths of every leaf of a nested dict."""
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      yield from _leaf_paths(value, (*prefix, key))
+      yield from leaf_paths(value, (*prefix, key))
     else:
       yield (*prefix, key)
 
@@ -135,6 +142,11 @@ def _given(transpose_gating: TransposeGating, stack: str) -> bool | None:
   if isinstance(transpose_gating, Mapping):
     return transpose_gating.get(stack)
   return transpose_gating
+
+
+def model_prefix(tree: Tree, t5: bool) -> tuple[str, ...]:
+  """Where the model sits in a Google tree: ('transformer',) for a wrapped Gemma 2, else ()."""
+  return ("transformer",) if not t5 and list(tree) == ["transformer"] else ()
 
 
 def _detect_transposed(tree: Tree, config: ModelConfig, prefix: tuple[str, ...],
@@ -152,46 +164,67 @@ def _detect_transposed(tree: Tree, config: ModelConfig, prefix: tuple[str, ...],
                        f"{cfg.embed_dim}, so [2, D, F] and [2, F, D] look alike; pass "
                        "transpose_gating")
     gating, _ = _lookup(tree, path)
-    out[stack] = tuple(np.shape(gating)[1:]) == (cfg.hidden_dim, cfg.embed_dim)
+    out[stack] = _shape(gating)[1:] == (cfg.hidden_dim, cfg.embed_dim)
   return out
 
 
-def from_google(tree: Tree, config: ModelConfig, scanned: bool, abstract: dict,
-                transpose_gating: TransposeGating = None) -> dict:
-  """t5g numpy params in the layout of `abstract` from a Google NESTED tree.
+class GoogleTreeSource(ParamSource):
+  """t5g parameters from a Google NESTED tree, converted one Google tensor at a time.
 
-  abstract: `t5g.model.abstract_params(config, ComputeConfig(scan_layers=scanned))`.
+  The tree's leaves may be arrays or stored leaves (anything with `.shape` that np.asarray
+  reads). Every key and shape is checked when the source is made, before any data is read:
+  missing, misshapen and unexpected Google keys raise ValueError naming the key.
   transpose_gating: required where hidden_dim == embed_dim, else detected from the shapes.
-  Missing, misshapen and unexpected Google keys raise ValueError naming the key.
   """
-  t5 = isinstance(config, EncoderDecoderConfig)
-  prefix = ("transformer",) if not t5 and list(tree) == ["transformer"] else ()
-  transposed = _detect_transposed(tree, config, prefix, transpose_gating)
-  params = layout.allocate(abstract)
-  seen = set()
-  for m in tensor_maps(config, transposed, prefix):
-    w, path = _lookup(tree, m.path)
-    key = "/".join(path)
-    targets = [layout.get(abstract, config, scanned, m.stack, m.layer, s) for s in m.subs]
-    part = _part_shape(m.kind, targets[0].shape)
-    fused = len(m.subs) > 1
-    shape, expected = tuple(np.shape(w)), ((len(m.subs), *part) if fused else part)
+
+  def __init__(self, tree: Tree, config: ModelConfig, transpose_gating: TransposeGating = None,
+               where: str = "Google tree"):
+    self.config, self.where = config, where
+    t5 = isinstance(config, EncoderDecoderConfig)
+    prefix = model_prefix(tree, t5)
+    transposed = _detect_transposed(tree, config, prefix, transpose_gating)
+    unscanned = abstract_params(config, ComputeConfig(scan_layers=False))
+    self._parts: dict[tuple, tuple[GoogleMap, Any, int | None, tuple[int, ...]]] = {}
+    seen = set()
+    for m in tensor_maps(config, transposed, prefix):
+      leaf, path = _lookup(tree, m.path)
+      key = "/".join(path)
+      targets = [layout.get(unscanned, config, False, m.stack, m.layer, sub) for sub in m.subs]
+      part = _part_shape(m.kind, targets[0].shape)
+      fused = len(m.subs) > 1
+      shape, expected = _shape(leaf), ((len(m.subs), *part) if fused else part)
+      if m.kind == "embed":
+        if len(shape) != 2 or shape[0] < part[0] or shape[1] != part[1]:
+          raise ValueError(f"{where}: {key} has shape {shape}, the config implies "
+                           f"(>= {part[0]}, {part[1]})")
+      elif shape != expected:
+        raise ValueError(f"{where}: {key} has shape {shape}, the config implies {expected}")
+      for j, (sub, target) in enumerate(zip(m.subs, targets)):
+        self._parts[(m.stack, m.layer, sub)] = (m, leaf, j if fused else None,
+                                                tuple(target.shape))
+      seen.add(path)
+    unexpected = ["/".join(p) for p in leaf_paths(tree) if p not in seen]
+    if unexpected:
+      raise ValueError(f"{where}: unexpected key(s) {unexpected[:5]}"
+                       f"{' ...' if len(unexpected) > 5 else ''} for this config")
+    self._cached: tuple[int, np.ndarray] | None = None
+
+  def get(self, stack: str, layer: int | None, sub: tuple[str, ...]) -> np.ndarray:
+    """See base class. A fused Google tensor is read once for its consecutive parts."""
+    m, leaf, index, shape = self._parts[(stack, layer, sub)]
+    if self._cached is None or self._cached[0] != id(leaf):
+      self._cached = None
+      self._cached = (id(leaf), np.asarray(leaf))
+    value = self._cached[1] if index is None else self._cached[1][index]
     if m.kind == "embed":
-      if len(shape) != 2 or shape[0] < part[0] or shape[1] != part[1]:
-        raise ValueError(f"Google tree: {key} has shape {shape}, the config implies "
-                         f"(>= {part[0]}, {part[1]})")
-      w = w[:part[0]]
-    elif shape != expected:
-      raise ValueError(f"Google tree: {key} has shape {shape}, the config implies {expected}")
-    for sub, target, value in zip(m.subs, targets, w if fused else [w]):
-      layout.put(params, config, scanned, m.stack, m.layer, sub,
-                 _convert_part(m.kind, np.asarray(value, dtype=target.dtype)))
-    seen.add(path)
-  unexpected = ["/".join(p) for p in _leaf_paths(tree) if p not in seen]
-  if unexpected:
-    raise ValueError(f"Google tree: unexpected key(s) {unexpected[:5]}"
-                     f"{' ...' if len(unexpected) > 5 else ''} for this config")
-  return params
+      value = value[:shape[0]]
+    return _convert_part(m.kind, value)
+
+
+def from_google(tree: Tree, config: ModelConfig, scanned: bool,
+                transpose_gating: TransposeGating = None) -> dict:
+  """t5g numpy params (scanned or unscanned layout) from a whole Google NESTED tree."""
+  return materialize(GoogleTreeSource(tree, config, transpose_gating), scanned)
 
 
 def to_google(params: dict, config: ModelConfig, scanned: bool,

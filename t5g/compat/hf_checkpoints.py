@@ -16,10 +16,12 @@ from typing import Iterator
 
 import numpy as np
 
+from t5g.checkpoints.sources import ParamSource, materialize
 from t5g.compat import hf_config, safetensors_io
 from t5g.model import layout
-from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, EncoderDecoderConfig, ModelConfig,
-                              model_type)
+from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, ComputeConfig, EncoderDecoderConfig,
+                              ModelConfig, model_type)
+from t5g.model.models import abstract_params
 
 # Layer tensors: (HF name inside a layer, t5g sub-path, conversion kind).
 _ATTN = [("q_proj", "qkv"), ("k_proj", "qkv"), ("v_proj", "qkv"), ("o_proj", "out")]
@@ -108,48 +110,67 @@ def is_hf_folder(folder: str) -> bool:
       or os.path.exists(os.path.join(folder, safetensors_io.INDEX_FILE)))
 
 
-def load(folder: str, abstract_params_fn, scanned: bool) -> tuple[ModelConfig, dict]:
-  """Reads a HF folder into (config, numpy params in the requested layout).
+class HFSource(ParamSource):
+  """A HF folder's tensors as t5g parameters, read (memory-mapped) one tensor at a time.
 
-  abstract_params_fn(config) gives the eval_shape parameter tree of the target layout.
+  Opening checks the tensor names against config.json (missing or unexpected keys, an untied
+  output layer); shapes are checked as each tensor is read.
   """
-  config = hf_config.read_config(folder)
-  tensors = safetensors_io.SafetensorsFolder(folder)
-  abstract = abstract_params_fn(config)
-  params = layout.allocate(abstract)
-  seen = set()
-  for m in tensor_maps(config):
-    if m.hf_key not in tensors:
-      raise ValueError(f"{folder}: missing tensor {m.hf_key!r}")
-    target = layout.get(abstract, config, scanned, m.stack, m.layer, m.sub)
-    w = tensors.get(m.hf_key)
-    expected = hf_shape(m.kind, target.shape)
-    if tuple(w.shape) != expected:
-      raise ValueError(f"{folder}: tensor {m.hf_key!r} has shape {tuple(w.shape)}, config.json "
-                       f"implies {expected}")
-    layout.put(params, config, scanned, m.stack, m.layer, m.sub,
-               from_hf(m.kind, np.asarray(w, dtype=target.dtype), target.shape))
-    seen.add(m.hf_key)
-  head = _TIED_HEADS[model_type(config)]
-  for key in tensors.keys():
-    if key in seen:
-      continue
-    if key == head:
-      embed_key = next(m.hf_key for m in tensor_maps(config)
+
+  def __init__(self, folder: str):
+    self.where = folder
+    self.config = hf_config.read_config(folder)
+    self._tensors = safetensors_io.SafetensorsFolder(folder)
+    self._maps = {(m.stack, m.layer, m.sub): m for m in tensor_maps(self.config)}
+    names = set(self._tensors.keys())
+    for m in self._maps.values():
+      if m.hf_key not in names:
+        raise ValueError(f"{folder}: missing tensor {m.hf_key!r}")
+    known = {m.hf_key for m in self._maps.values()}
+    head = _TIED_HEADS[model_type(self.config)]
+    for key in sorted(names - known):
+      if key != head:
+        raise ValueError(f"{folder}: unexpected tensor {key!r} for a "
+                         f"{model_type(self.config)} model")
+      embed_key = next(m.hf_key for m in self._maps.values()
                        if m.stack != "encoder" and m.sub == ("embedder", "embedding"))
-      if not np.array_equal(tensors.get(key), tensors.get(embed_key)):
+      if not np.array_equal(self._tensors.get(key), self._tensors.get(embed_key)):
         raise ValueError(f"{folder}: {key!r} differs from {embed_key!r}; t5g ties them")
-      continue
-    raise ValueError(f"{folder}: unexpected tensor {key!r} for a {model_type(config)} model")
-  return config, params
+    self._shapes = {}
+    for m, shape in _unscanned_shapes(self.config):
+      expected, found = hf_shape(m.kind, shape), self._tensors.shape(m.hf_key)
+      if found != expected:
+        raise ValueError(f"{folder}: tensor {m.hf_key!r} has shape {found}, config.json "
+                         f"implies {expected}")
+      self._shapes[(m.stack, m.layer, m.sub)] = shape
+
+  def get(self, stack: str, layer: int | None, sub: tuple[str, ...]) -> np.ndarray:
+    """See base class (shapes were checked when the source was opened)."""
+    m = self._maps[(stack, layer, sub)]
+    return from_hf(m.kind, self._tensors.get(m.hf_key), self._shapes[(stack, layer, sub)])
 
 
-def save(folder: str, params: dict, config: ModelConfig, scanned: bool, dtype: str = "float32",
+def _unscanned_shapes(config: ModelConfig):
+  """(TensorMap, t5g shape) for every tensor of `config`."""
+  abstract = abstract_params(config, ComputeConfig(scan_layers=False))
+  for m in tensor_maps(config):
+    yield m, tuple(layout.get(abstract, config, False, m.stack, m.layer, m.sub).shape)
+
+
+def load(folder: str, scanned: bool) -> tuple[ModelConfig, dict]:
+  """Reads a whole HF folder into (config, numpy params in the requested layout)."""
+  source = HFSource(folder)
+  return source.config, materialize(source, scanned)
+
+
+def save(folder: str, source: ParamSource, dtype: str = "float32",
          max_shard_bytes: int = 5 << 30) -> None:
   """Writes a HF folder (config.json, generation_config.json, safetensors) atomically.
 
-  dtype: 'float32' or 'bfloat16'. Refuses to overwrite a non-empty `folder`.
+  Tensors are read from `source` and written one at a time. dtype: 'float32' or 'bfloat16'.
+  Refuses to overwrite a non-empty `folder`.
   """
+  config = source.config
   np_dtype = {"float32": np.dtype(np.float32),
               "bfloat16": safetensors_io.DTYPES["BF16"]}.get(dtype)
   if np_dtype is None:
@@ -157,13 +178,11 @@ def save(folder: str, params: dict, config: ModelConfig, scanned: bool, dtype: s
   if os.path.exists(folder) and os.listdir(folder):
     raise FileExistsError(f"{folder}: output folder exists and is not empty")
   maps = {m.hf_key: m for m in tensor_maps(config)}
-  plan = [(key, hf_shape(m.kind, layout.get(params, config, scanned, m.stack, m.layer,
-                                            m.sub).shape), np_dtype) for key, m in maps.items()]
+  plan = [(m.hf_key, hf_shape(m.kind, shape), np_dtype) for m, shape in _unscanned_shapes(config)]
 
   def produce(key: str) -> np.ndarray:
     m = maps[key]
-    value = np.asarray(layout.get(params, config, scanned, m.stack, m.layer, m.sub))
-    return to_hf(m.kind, value).astype(np_dtype)
+    return to_hf(m.kind, source.get(m.stack, m.layer, m.sub)).astype(np_dtype)
 
   tmp = f"{folder.rstrip('/')}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)

@@ -62,8 +62,18 @@ def stack_from_hf(d: dict[str, Any], where: str) -> StackConfig:
 def read_config(folder: str) -> ModelConfig:
   """The t5g config of a HF `gemma2` or `t5gemma` folder."""
   path = os.path.join(folder, CONFIG_FILE)
-  with open(path) as f:
-    d = json.load(f)
+  try:
+    with open(path) as f:
+      d = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  return config_from_hf(d, path)
+
+
+def config_from_hf(d: dict[str, Any], path: str) -> ModelConfig:
+  """The t5g config of a HF `gemma2` or `t5gemma` config dict read from `path`."""
+  if not isinstance(d, dict):
+    raise ValueError(f"{path}: expected a JSON object")
   kind = d.get("model_type")
   if kind == "gemma2":
     if d.get("tie_word_embeddings", True) is False:

@@ -1,8 +1,9 @@
-"""Streaming safetensors I/O: memory-mapped reads, tensor-by-tensor sharded writes.
+"""Streaming safetensors I/O: tensor-by-tensor reads and sharded writes.
 
 The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
-data_offsets}} and the raw little-endian bytes. Reading maps the file and returns views, so a
-folder is never loaded whole; writing takes a plan of (name, shape, dtype) first, writes each
+data_offsets}} and the raw little-endian bytes. Reading seeks to one tensor's bytes and reads
+only those (no memory map, whose touched pages would stay resident), so a folder is never
+loaded whole; writing takes a plan of (name, shape, dtype) first, writes each
 shard's header, then one tensor at a time, and renames the finished folder contents into place.
 bfloat16 uses ml_dtypes, which numpy alone lacks.
 """
@@ -49,7 +50,6 @@ class SafetensorsFolder:
       path = os.path.join(folder, name)
       for key, info in _read_header(path)[0].items():
         self._entries[key] = (path, info)
-    self._maps: dict[str, np.memmap] = {}
 
   def keys(self) -> list[str]:
     return sorted(self._entries)
@@ -57,19 +57,25 @@ class SafetensorsFolder:
   def __contains__(self, key: str) -> bool:
     return key in self._entries
 
+  def shape(self, key: str) -> tuple[int, ...]:
+    """The shape of tensor `key`, from the file header (no data is read)."""
+    return tuple(self._entries[key][1]["shape"])
+
   def get(self, key: str) -> np.ndarray:
-    """The tensor `key` as a read-only view of the mapped file."""
+    """The tensor `key`, read from its file (only this tensor's bytes are read)."""
     if key not in self._entries:
       raise KeyError(f"{self.folder}: missing tensor {key!r}")
     path, info = self._entries[key]
-    if path not in self._maps:
-      self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
     start, end = info["data_offsets"]
     base = _read_header(path)[1]
     dtype = DTYPES.get(info["dtype"])
     if dtype is None:
       raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
-    raw = self._maps[path][base + start:base + end]
+    with open(path, "rb") as f:
+      f.seek(base + start)
+      raw = np.fromfile(f, dtype=np.uint8, count=end - start)
+    if raw.size != end - start:
+      raise ValueError(f"{path}: tensor {key!r} is truncated ({raw.size} of {end - start} bytes)")
     return raw.view(dtype).reshape(info["shape"])
 
 

@@ -1,0 +1,131 @@
+"""Parameter sources: a model's parameters read one logical parameter at a time.
+
+Every conversion in t5g (HF, Google Flax and t5g directories in, t5g directories and HF folders
+out, Gemma 2 -> T5Gemma adaptation) is a `ParamSource` feeding a writer that asks for one
+tensor group at a time (`t5g.checkpoints.lazy`), so that no conversion holds a whole model in
+memory. A logical parameter is (stack, layer, sub-path) as in `t5g.model.layout`, with the
+unscanned shape, e.g. ('decoder', 3, ('attn', 'q_proj')) -> [D, N, H].
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from t5g.model import layout
+from t5g.model.config import ComputeConfig, ModelConfig
+from t5g.model.models import abstract_params
+
+Sub = tuple[str, ...]
+
+
+class ParamSource(abc.ABC):
+  """A model's parameters (with its config), read one logical parameter at a time."""
+
+  config: ModelConfig
+  where: str  # What the parameters are read from, for messages.
+
+  @abc.abstractmethod
+  def get(self, stack: str, layer: int | None, sub: Sub) -> np.ndarray:
+    """The parameter (stack, layer, sub) as a numpy array of its unscanned shape."""
+
+  def new_parameters(self) -> list[str]:
+    """Layout-independent names ('decoder/cross_attn/k_proj') of freshly initialised params."""
+    return []
+
+  def close(self) -> None:
+    """Releases files held open by the source."""
+
+  def __enter__(self) -> "ParamSource":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+class TreeSource(ParamSource):
+  """Parameters already in memory, in the scanned or unscanned layout."""
+
+  def __init__(self, params: Any, config: ModelConfig, scanned: bool, where: str = "memory"):
+    self.params, self.config, self.scanned, self.where = params, config, scanned, where
+
+  def get(self, stack: str, layer: int | None, sub: Sub) -> np.ndarray:
+    """See base class."""
+    return np.asarray(layout.get(self.params, self.config, self.scanned, stack, layer, sub))
+
+
+def _nest(path: tuple[str, ...], value: Any) -> dict:
+  for key in reversed(path):
+    value = {key: value}
+  return value
+
+
+class ModelDirSource(ParamSource):
+  """One step of a t5g checkpoint directory, restored one stored array at a time.
+
+  A scanned layout stores all local (or global) layers of a parameter in one array: that array
+  is the unit read, kept until a parameter from another array is asked for.
+  """
+
+  def __init__(self, directory: str, step: int | None = None):
+    from t5g.checkpoints import model_dir  # Imported here: model_dir imports this module.
+    self.config, self.scanned, self.step = model_dir.read_model(directory, step)
+    self.where = os.path.join(directory, str(self.step), model_dir.PARAMS_ITEM)
+    self._abstract = abstract_params(self.config, ComputeConfig(scan_layers=self.scanned))
+    self._manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                          item_names=(model_dir.PARAMS_ITEM,))
+    self._item = model_dir.PARAMS_ITEM
+    self._cached: tuple[tuple[str, ...], np.ndarray] | None = None
+
+  def _read(self, path: tuple[str, ...]) -> np.ndarray:
+    if self._cached is None or self._cached[0] != path:
+      self._cached = None
+      leaf = self._abstract
+      for key in path:
+        leaf = leaf[key]
+      target = _nest(path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+      restore_args = _nest(path, ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype))
+      try:
+        restored = self._manager.restore(self.step, args=ocp.args.Composite(**{
+            self._item: ocp.args.PyTreeRestore(target, restore_args=restore_args,
+                                               partial_restore=True)}))[self._item]
+      except (ValueError, KeyError, FileNotFoundError) as e:
+        raise ValueError(f"{self.where}: cannot read {'/'.join(path)} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+      for key in path:
+        restored = restored[key]
+      if tuple(restored.shape) != tuple(leaf.shape):
+        raise ValueError(f"{self.where}: {'/'.join(path)} has shape {restored.shape}, the "
+                         f"saved config implies {leaf.shape}")
+      self._cached = (path, np.asarray(restored))
+    return self._cached[1]
+
+  def get(self, stack: str, layer: int | None, sub: Sub) -> np.ndarray:
+    """See base class."""
+    prefix, index = layout.location(layout.stacks(self.config)[stack], layer, self.scanned)
+    value = self._read((stack, *prefix, *sub))
+    return value if index is None else value[index]
+
+  def close(self) -> None:
+    """See base class."""
+    self._cached = None
+    self._manager.close()
+
+
+def materialize(source: ParamSource, scanned: bool) -> dict:
+  """All of `source`'s parameters in memory (numpy), in the scanned or unscanned layout."""
+  params = layout.allocate(abstract_params(source.config, ComputeConfig(scan_layers=scanned)))
+  unscanned = abstract_params(source.config, ComputeConfig(scan_layers=False))
+  for stack, layer, sub, target in layout.entries(unscanned, source.config, False):
+    value = source.get(stack, layer, sub)
+    if tuple(value.shape) != tuple(target.shape):
+      raise ValueError(f"{source.where}: {stack}/{layer}/{'/'.join(sub)} has shape "
+                       f"{value.shape}, expected {target.shape}")
+    layout.put(params, source.config, scanned, stack, layer, sub,
+               np.asarray(value, dtype=target.dtype))
+  return params
