@@ -9,6 +9,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["t5g", "t5g.*"]),
+    package_data={"t5g.data": ["assets/*.model"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10,<0.11",

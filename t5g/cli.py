@@ -5,6 +5,7 @@
                [--seed=N] [--scan_layers=true] [--encoder_config=..] [--decoder_config=..]
     t5g export --checkpoint=T5G_DIR [--step=N] --output=HF_DIR [--dtype=float32|bfloat16]
                [--no-verify]
+    t5g average --checkpoint=T5G_DIR --last=N --output=T5G_DIR
     t5g score  --checkpoint=T5G_DIR [--step=N] --input=IN.jsonl --output=OUT.jsonl
                [--vocabulary=tokenizer.model] [--batch_size=8]
     t5g demo   [--output=DIR]   (the embedded default run; see README)
@@ -66,6 +67,12 @@ def _cmd_export(args) -> None:
     print("not verified: transformers/torch are not installed")
 
 
+def _cmd_average(args) -> None:
+  from t5g.checkpoints import average
+  steps = average.average(args.checkpoint, args.last, args.output)
+  print(f"averaged the params of steps {steps} of {args.checkpoint} -> {args.output}")
+
+
 def _cmd_score(args) -> None:
   from t5g import scoring
   from t5g.checkpoints import model_dir
@@ -121,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--no-verify", "--no_verify", dest="verify", action="store_false")
   p.set_defaults(fn=_cmd_export)
+
+  p = sub.add_parser("average", help="average the params of the last N steps (new t5g dir)")
+  p.add_argument("--checkpoint", required=True)
+  p.add_argument("--last", type=int, default=5)
+  p.add_argument("--output", required=True)
+  p.set_defaults(fn=_cmd_average)
 
   p = sub.add_parser("score", help="teacher-forced target log-probs for a jsonl file")
   p.add_argument("--checkpoint", required=True)

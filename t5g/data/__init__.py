@@ -1,0 +1,1 @@
+"""Data: the vocabulary, the pretraining objectives, seqio tasks, mixtures and feature conversion."""
