@@ -17,6 +17,7 @@ setuptools.setup(
         "optax>=0.2.5,<0.3",
         "orbax-checkpoint>=0.12,<0.13",
         "seqio>=0.0.20",
+        "tensorflow>=2.16",
         "tensorflow-datasets>=4.9",
         "sentencepiece>=0.2",
         "gin-config>=0.5",
