@@ -94,7 +94,7 @@ def main() -> None:
 
   print(f"estimated train-step consumption per device (analytic FLOPs, not measured): "
         f"{args.peak_tflops:g} TFLOP/s peak at {args.mfu:.0%} MFU")
-  slots = args.batch * 2 * args.lengths
+  slots = args.batch * sum(lengths.values())
   for preset in args.presets.split(","):
     flops = step_flops(get_preset(preset), args.batch, args.lengths, args.lengths)
     step_seconds = flops / (args.peak_tflops * 1e12 * args.mfu)

@@ -11,8 +11,8 @@
     t5g demo   [--output=DIR]   (the embedded default run; see README)
 
 SRC is a Hugging Face folder, a t5g checkpoint directory or a Google Flax/Orbax checkpoint
-(FLAT or NESTED), detected from its files. Errors in the input (a path, a key, a shape) end the command with a one-line message and exit
-status 2; nothing is left half-written.
+(FLAT or NESTED), detected from its files. Errors in the input (a path, a key, a shape) end
+the command with a one-line message and exit status 2; nothing is left half-written.
 """
 
 from __future__ import annotations

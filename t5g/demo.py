@@ -2,7 +2,8 @@
 
 A tiny random T5Gemma is saved as a t5g checkpoint, exported to a Hugging Face folder (checked
 against transformers when installed), imported back, and used to score text from Python's own
-documentation (`pydoc_data`), byte-tokenised since no vocabulary ships yet.
+documentation (`t5g.data.embedded_corpus`), byte-tokenised (the demo predates the embedded
+vocabulary; the trainer issue replaces it).
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ import numpy as np
 from t5g import scoring
 from t5g.checkpoints import model_dir
 from t5g.compat import convert
+from t5g.data import embedded_corpus
 from t5g.model import ComputeConfig, get_preset, init_params
 
 PRESET = "t5gemma-tiny-tiny"
 
 
 def _corpus_lines(count: int) -> list[str]:
-  from pydoc_data import topics
-  text = " ".join(topics.topics[k] for k in sorted(topics.topics))
-  words = text.split()
+  words = " ".join(embedded_corpus.documents()).split()
   return [" ".join(words[i * 24:(i + 1) * 24]) for i in range(count)]
 
 

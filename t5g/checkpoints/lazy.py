@@ -44,14 +44,6 @@ class LazyArray:
   dtype: np.dtype
   blocks: Callable[[], Iterator[np.ndarray]]
 
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64))
-
   def checked_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
     """(offset along axis 0, block) pairs, checked against the promised shape."""
     offset = 0
@@ -64,13 +56,6 @@ class LazyArray:
       offset += len(block)
     if offset != self.shape[0]:
       raise ValueError(f"lazy array: blocks cover {offset} of {self.shape[0]} rows")
-
-  def materialize(self) -> np.ndarray:
-    """The whole array."""
-    out = np.empty(self.shape, self.dtype)
-    for offset, block in self.checked_blocks():
-      out[offset:offset + len(block)] = block
-    return out
 
 
 class _SequentialLazyHandler(type_handlers.NumpyHandler):

@@ -115,7 +115,7 @@ class TrainCheckpointManager:
                new_parameters: Sequence[str] | None = None):
     self.directory = os.path.abspath(directory)
     self.options = options
-    self._model = model_dir.model_item(config, scanned, list(new_parameters or ()))
+    self._model = model_dir.model_item(config, scanned, new_parameters)
     keep: list[Any] = [policies.LatestN(options.keep_last)]
     if options.keep_every:
       keep.append(policies.EveryNSteps(options.keep_every))
@@ -138,11 +138,6 @@ class TrainCheckpointManager:
   def all_steps(self) -> list[int]:
     """The saved steps, ascending (including one still being written in the background)."""
     return sorted(self._manager.all_steps())
-
-  def latest_step(self) -> int | None:
-    """The newest saved step (None when there is none)."""
-    found = self.all_steps()
-    return found[-1] if found else None
 
   def should_save(self, step: int) -> bool:
     """Whether `save` (without force) writes `step`."""
@@ -181,8 +176,9 @@ class TrainCheckpointManager:
     }
     if metrics is not None:
       items["metrics"] = ocp.args.JsonSave(metrics)
+    # The decision is made above: force=True keeps Orbax from evaluating its policies again.
     return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
-                              force=force)
+                              force=True)
 
   def restore(self, params: Any, opt_state: Any, rng: Any, step: int | None = None
               ) -> TrainState:
@@ -221,7 +217,8 @@ class TrainCheckpointManager:
         os.rename(self._step_dir(bad), aside)
         warnings.warn(f"{error}; resuming from step {candidate}, moved it to {aside}",
                       stacklevel=2)
-      self._manager.reload()
+      if unreadable:
+        self._manager.reload()
       return state
     raise ValueError(f"{self.directory}: no step could be restored: "
                      + "; ".join(str(error) for _, error in unreadable))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -52,7 +52,7 @@ def is_model_dir(directory: str) -> bool:
 
 
 def model_item(config: ModelConfig, scanned: bool,
-               new_parameters: list[str] | None = None) -> dict:
+               new_parameters: Sequence[str] | None = None) -> dict:
   """The JSON of a step's `model` item (see `save` for new_parameters)."""
   meta = {"model": config_to_json(config), "param_layout": LAYOUTS[scanned]}
   if new_parameters:

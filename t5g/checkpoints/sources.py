@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import abc
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from t5g.checkpoints import model_dir
 from t5g.model import layout
 from t5g.model.config import ComputeConfig, ModelConfig
 from t5g.model.models import abstract_params
 
 Sub = tuple[str, ...]
+Name = tuple[str, int | None, Sub]  # (stack, layer, sub-path) of one logical parameter.
 
 
 class ParamSource(abc.ABC):
@@ -33,6 +35,10 @@ class ParamSource(abc.ABC):
   @abc.abstractmethod
   def get(self, stack: str, layer: int | None, sub: Sub) -> np.ndarray:
     """The parameter (stack, layer, sub) as a numpy array of its unscanned shape."""
+
+  def read_order(self, names: Iterable[Name]) -> list[Name]:
+    """`names` in the order that reads each stored array once (as given, by default)."""
+    return list(names)
 
   def new_parameters(self) -> list[str]:
     """Layout-independent names ('decoder/cross_attn/k_proj') of freshly initialised params."""
@@ -69,11 +75,11 @@ class ModelDirSource(ParamSource):
   """One step of a t5g checkpoint directory, restored one stored array at a time.
 
   A scanned layout stores all local (or global) layers of a parameter in one array: that array
-  is the unit read, kept until a parameter from another array is asked for.
+  is the unit read, kept until a parameter from another array is asked for (`read_order` puts
+  the layers of one array together).
   """
 
   def __init__(self, directory: str, step: int | None = None):
-    from t5g.checkpoints import model_dir  # Imported here: model_dir imports this module.
     self.config, self.scanned, self.step = model_dir.read_model(directory, step)
     self.where = os.path.join(directory, str(self.step), model_dir.PARAMS_ITEM)
     self._abstract = abstract_params(self.config, ComputeConfig(scan_layers=self.scanned))
@@ -84,7 +90,7 @@ class ModelDirSource(ParamSource):
 
   def _read(self, path: tuple[str, ...]) -> np.ndarray:
     if self._cached is None or self._cached[0] != path:
-      self._cached = None
+      self._cached = None  # Drop the previous array before reading the next.
       leaf = self._abstract
       for key in path:
         leaf = leaf[key]
@@ -94,9 +100,9 @@ class ModelDirSource(ParamSource):
         restored = self._manager.restore(self.step, args=ocp.args.Composite(**{
             self._item: ocp.args.PyTreeRestore(target, restore_args=restore_args,
                                                partial_restore=True)}))[self._item]
-      except (ValueError, KeyError, FileNotFoundError) as e:
-        raise ValueError(f"{self.where}: cannot read {'/'.join(path)} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+      except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files.
+        raise ValueError(f"{self.where}: cannot read {'/'.join(path)} "
+                         f"({model_dir.short_error(e)})") from None
       for key in path:
         restored = restored[key]
       if tuple(restored.shape) != tuple(leaf.shape):
@@ -105,10 +111,22 @@ class ModelDirSource(ParamSource):
       self._cached = (path, np.asarray(restored))
     return self._cached[1]
 
+  def _stored_at(self, stack: str, layer: int | None, sub: Sub) -> tuple[tuple[str, ...], int]:
+    """(path of the stored array holding the parameter, its index along the layer axis)."""
+    prefix, index = layout.location(layout.stacks(self.config)[stack], layer, self.scanned)
+    return (stack, *prefix, *sub), index
+
+  def read_order(self, names: Iterable[Name]) -> list[Name]:
+    """See base class: grouped by stored array, layers in order."""
+    def key(name: Name) -> tuple[tuple[str, ...], int]:
+      path, index = self._stored_at(*name)
+      return path, -1 if index is None else index
+    return sorted(names, key=key)
+
   def get(self, stack: str, layer: int | None, sub: Sub) -> np.ndarray:
     """See base class."""
-    prefix, index = layout.location(layout.stacks(self.config)[stack], layer, self.scanned)
-    value = self._read((stack, *prefix, *sub))
+    path, index = self._stored_at(stack, layer, sub)
+    value = self._read(path)
     return value if index is None else value[index]
 
   def close(self) -> None:
@@ -121,7 +139,10 @@ def materialize(source: ParamSource, scanned: bool) -> dict:
   """All of `source`'s parameters in memory (numpy), in the scanned or unscanned layout."""
   params = layout.allocate(abstract_params(source.config, ComputeConfig(scan_layers=scanned)))
   unscanned = abstract_params(source.config, ComputeConfig(scan_layers=False))
-  for stack, layer, sub, target in layout.entries(unscanned, source.config, False):
+  targets = {(stack, layer, sub): target
+             for stack, layer, sub, target in layout.entries(unscanned, source.config, False)}
+  for stack, layer, sub in source.read_order(targets):
+    target = targets[(stack, layer, sub)]
     value = source.get(stack, layer, sub)
     if tuple(value.shape) != tuple(target.shape):
       raise ValueError(f"{source.where}: {stack}/{layer}/{'/'.join(sub)} has shape "

@@ -19,14 +19,13 @@ import numpy as np
 
 from t5g.checkpoints import lazy, model_dir
 from t5g.checkpoints.adapt import AdaptedSource
-from t5g.checkpoints.sources import ModelDirSource, ParamSource, materialize
+from t5g.checkpoints.sources import ModelDirSource, ParamSource, TreeSource, materialize
 from t5g.compat import google_checkpoint, hf_checkpoints, hf_config, hf_verify
 from t5g.model.config import ModelConfig, config_from_json
 from t5g.model.presets import PRESETS, get_preset
 
 # Max |logit difference| accepted by the export check (float32 math on identical weights).
 VERIFY_TOLERANCE = 1e-3
-FORMATS = ("hf", "t5g", "google")
 
 
 def release_freed_tensors() -> None:
@@ -59,10 +58,12 @@ def detect(path: str) -> str:
 
 def config_from_arg(value: str) -> ModelConfig:
   """A config from a preset name, a t5g config JSON file or a HF config.json file."""
-  if value in PRESETS or not os.path.exists(value):
-    if not os.path.exists(value) and ("/" in value or value.endswith(".json")):
+  if value in PRESETS:
+    return PRESETS[value]
+  if not os.path.exists(value):
+    if "/" in value or value.endswith(".json"):
       raise FileNotFoundError(f"config {value}: does not exist")
-    return get_preset(value)
+    return get_preset(value)  # Raises, naming the closest presets.
   try:
     with open(value) as f:
       d = json.load(f)
@@ -97,10 +98,8 @@ def _refuse_existing(output: str) -> None:
     raise FileExistsError(f"{output}: output directory exists and is not empty")
 
 
-def write_model_dir(source: ParamSource, output: str, scan_layers: bool = True,
-                    step: int = 0) -> None:
+def _write_model_dir(source: ParamSource, output: str, scan_layers: bool, step: int = 0) -> None:
   """Writes `source` as step `step` of a new t5g directory, one tensor group at a time."""
-  _refuse_existing(output)
   model_dir.save(output, step, lazy.lazy_params(source, scan_layers), source.config,
                  scan_layers, new_parameters=source.new_parameters())
 
@@ -112,7 +111,7 @@ def import_checkpoint(input_path: str, output: str, scan_layers: bool = True, st
   kind = detect(input_path)
   _refuse_existing(output)
   with open_source(input_path, config) as source:
-    write_model_dir(source, output, scan_layers, step)
+    _write_model_dir(source, output, scan_layers, step)
   return kind
 
 
@@ -123,15 +122,18 @@ def adapt_checkpoint(encoder: str, decoder: str, output: str, cross_attention: s
   """Writes the T5Gemma adapted from two Gemma 2 checkpoints as step 0 of `output`."""
   release_freed_tensors()
   _refuse_existing(output)
-  enc = open_source(encoder, encoder_config)
+  enc = dec = open_source(encoder, encoder_config)
   try:
     same = os.path.realpath(encoder) == os.path.realpath(decoder) and (
         decoder_config is None or decoder_config == enc.config)
-    dec = enc if same else open_source(decoder, decoder_config)
-    with AdaptedSource(enc, dec, cross_attention, seed) as adapted:
-      write_model_dir(adapted, output, scan_layers)
+    if not same:
+      dec = open_source(decoder, decoder_config)
+    adapted = AdaptedSource(enc, dec, cross_attention, seed)
+    _write_model_dir(adapted, output, scan_layers)
   finally:
     enc.close()
+    if dec is not enc:
+      dec.close()
   return adapted
 
 
@@ -143,11 +145,14 @@ def export_checkpoint(checkpoint: str, output: str, step: int | None = None,
   VERIFY_TOLERANCE, leaving the written folder for inspection.
   """
   release_freed_tensors()
+  verify = verify and hf_verify.transformers_available()
   with ModelDirSource(checkpoint, step) as source:
-    hf_checkpoints.save(output, source, dtype)
-    if not verify or not hf_verify.transformers_available():
+    if not verify:
+      hf_checkpoints.save(output, source, dtype)
       return None
+    # Verification needs the whole model in memory anyway: read it once, write from memory.
     params = materialize(source, source.scanned)
+  hf_checkpoints.save(output, TreeSource(params, source.config, source.scanned), dtype)
   stored = jax.tree_util.tree_map(lambda x: _round_to(x, dtype), params)
   diff = hf_verify.max_logit_difference(output, stored, source.config, source.scanned)
   if not diff <= VERIFY_TOLERANCE:

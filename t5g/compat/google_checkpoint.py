@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from t5g.checkpoints import model_dir
 from t5g.compat.google_flax import GoogleTreeSource, TransposeGating, model_prefix
 from t5g.model.config import EncoderDecoderConfig, ModelConfig, StackConfig
 from t5g.model.presets import GEMMA2_STACKS
@@ -49,10 +50,9 @@ class StoredLeaf:
     try:
       restored = ocp.PyTreeCheckpointer().restore(self.path, args=ocp.args.PyTreeRestore(
           item, restore_args=arg, partial_restore=True))
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files.
       raise ValueError(f"{self.path}: cannot read {'/'.join(self.keys)} "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
-                       ) from None
+                       f"({model_dir.short_error(e)})") from None
     for key in self.keys:
       restored = restored[key]
     return np.asarray(restored, dtype=dtype)

@@ -128,11 +128,11 @@ def _lookup(tree: Tree, path: tuple[str, ...]) -> tuple[Any, tuple[str, ...]]:
   return node, path
 
 
-def leaf_paths(tree: Tree, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+def _leaf_paths(tree: Tree, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
   """Paths of every leaf of a nested dict."""
   for key, value in tree.items():
     if isinstance(value, Mapping):
-      yield from leaf_paths(value, (*prefix, key))
+      yield from _leaf_paths(value, (*prefix, key))
     else:
       yield (*prefix, key)
 
@@ -203,7 +203,7 @@ class GoogleTreeSource(ParamSource):
         self._parts[(m.stack, m.layer, sub)] = (m, leaf, j if fused else None,
                                                 tuple(target.shape))
       seen.add(path)
-    unexpected = ["/".join(p) for p in leaf_paths(tree) if p not in seen]
+    unexpected = ["/".join(p) for p in _leaf_paths(tree) if p not in seen]
     if unexpected:
       raise ValueError(f"{where}: unexpected key(s) {unexpected[:5]}"
                        f"{' ...' if len(unexpected) > 5 else ''} for this config")
@@ -213,7 +213,7 @@ class GoogleTreeSource(ParamSource):
     """See base class. A fused Google tensor is read once for its consecutive parts."""
     m, leaf, index, shape = self._parts[(stack, layer, sub)]
     if self._cached is None or self._cached[0] != id(leaf):
-      self._cached = None
+      self._cached = None  # Drop the previous tensor before reading the next.
       self._cached = (id(leaf), np.asarray(leaf))
     value = self._cached[1] if index is None else self._cached[1][index]
     if m.kind == "embed":

@@ -111,10 +111,10 @@ def is_hf_folder(folder: str) -> bool:
 
 
 class HFSource(ParamSource):
-  """A HF folder's tensors as t5g parameters, read (memory-mapped) one tensor at a time.
+  """A HF folder's tensors as t5g parameters, read one tensor at a time.
 
-  Opening checks the tensor names against config.json (missing or unexpected keys, an untied
-  output layer); shapes are checked as each tensor is read.
+  Opening checks the tensor names and shapes against config.json (missing or unexpected keys,
+  an untied output layer) from the file headers, before any tensor data is read.
   """
 
   def __init__(self, folder: str):
@@ -178,7 +178,9 @@ def save(folder: str, source: ParamSource, dtype: str = "float32",
   if os.path.exists(folder) and os.listdir(folder):
     raise FileExistsError(f"{folder}: output folder exists and is not empty")
   maps = {m.hf_key: m for m in tensor_maps(config)}
-  plan = [(m.hf_key, hf_shape(m.kind, shape), np_dtype) for m, shape in _unscanned_shapes(config)]
+  shapes = {(m.stack, m.layer, m.sub): (m, shape) for m, shape in _unscanned_shapes(config)}
+  plan = [(m.hf_key, hf_shape(m.kind, shape), np_dtype)
+          for m, shape in (shapes[name] for name in source.read_order(shapes))]
 
   def produce(key: str) -> np.ndarray:
     m = maps[key]

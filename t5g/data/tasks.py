@@ -96,12 +96,11 @@ def _drop_empty_inputs(dataset: tf.data.Dataset) -> tf.data.Dataset:
 def _objective_preprocessors(objective: str,
                              denoisers: Sequence[tuple[Denoiser, float]]) -> list[Callable]:
   """Tokenised `targets` text -> the objective's `inputs`/`targets`, targets EOS-terminated."""
-  if objective == "ul2":
-    apply_objective = functools.partial(ul2_objective, denoisers=denoisers)
-  else:
-    apply_objective = functools.partial(prefix_lm, split="half")
   tokenize = functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)
-  return [tokenize, apply_objective, _drop_empty_inputs,
+  if objective == "ul2":  # UL2 inputs always hold the mode token: nothing to drop.
+    return [tokenize, functools.partial(ul2_objective, denoisers=denoisers),
+            seqio.preprocessors.append_eos_after_trim]
+  return [tokenize, functools.partial(prefix_lm, split="half"), _drop_empty_inputs,
           seqio.preprocessors.append_eos_after_trim]
 
 

@@ -7,6 +7,8 @@ BOS (id 2).
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -107,8 +109,16 @@ def init_params(config: ModelConfig, compute: ComputeConfig, rng: Array) -> dict
 def abstract_params(config: ModelConfig, compute: ComputeConfig, boxed: bool = False) -> dict:
   """Parameter shapes and dtypes without allocating (jax.eval_shape of `init`).
 
-  boxed: keep the `nn.LogicallyPartitioned` boxes that carry logical axis names.
+  boxed: keep the `nn.LogicallyPartitioned` boxes that carry logical axis names. Tracing `init`
+  costs seconds for deep unscanned models, so the trace is made once per (config, compute) and
+  every call gets its own copy of the tree.
   """
+  shapes = _traced_params(config, compute)
+  shapes = shapes if boxed else nn.unbox(shapes)
+  return jax.tree_util.tree_map(lambda x: x, shapes)
+
+
+@functools.lru_cache(maxsize=32)
+def _traced_params(config: ModelConfig, compute: ComputeConfig) -> dict:
   model = make_model(config, compute)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs(config)))
-  return shapes["params"] if boxed else nn.unbox(shapes)["params"]
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *dummy_inputs(config)))["params"]
