@@ -19,6 +19,7 @@ setuptools.setup(
         "seqio>=0.0.20",
         "tensorflow>=2.16",
         "tensorflow-datasets>=4.9",
+        "tensorboard>=2.16",
         "sentencepiece>=0.2",
         "gin-config>=0.5",
         "ml_dtypes>=0.5",

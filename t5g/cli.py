@@ -8,7 +8,8 @@
     t5g average --checkpoint=T5G_DIR --last=N --output=T5G_DIR
     t5g score  --checkpoint=T5G_DIR [--step=N] --input=IN.jsonl --output=OUT.jsonl
                [--vocabulary=tokenizer.model] [--batch_size=8]
-    t5g demo   [--output=DIR]   (the embedded default run; see README)
+    t5g train  --gin_file=F [--gin_file=F2 ...] [--gin.NAME=VALUE ...] [--gin_bindings="..."]
+               [--coordinator_address=H:P --num_processes=N --process_id=I | --distributed]
 
 SRC is a Hugging Face folder, a t5g checkpoint directory or a Google Flax/Orbax checkpoint
 (FLAT or NESTED), detected from its files. Errors in the input (a path, a key, a shape) end
@@ -91,9 +92,14 @@ def _cmd_score(args) -> None:
   print(f"scored {len(examples)} examples -> {args.output}")
 
 
-def _cmd_demo(args) -> None:
-  from t5g import demo
-  demo.run(args.output)
+def _cmd_train(args) -> None:
+  from t5g.train import distributed, gin_config, trainer
+  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                         auto=args.distributed)
+  gin_config.parse(args.gin_file, gin_config.flag_bindings(args.gin_flags, args.gin_bindings))
+  metrics = trainer.train()
+  if metrics:
+    print(f"finished at step {metrics['step']}: loss {metrics['loss']:.4f}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,17 +150,34 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch_size", type=int, default=8)
   p.set_defaults(fn=_cmd_score)
 
-  p = sub.add_parser("demo", help="the embedded default end-to-end run")
-  p.add_argument("--output", default="runs/demo")
-  p.set_defaults(fn=_cmd_demo)
+  p = sub.add_parser("train", help="train with gin configs (see gin/README.md)")
+  p.add_argument("--gin_file", action="append", default=[], required=True)
+  p.add_argument("--gin_bindings", action="append", default=[],
+                 help="a whole gin line, e.g. \"TRAIN_STEPS = 100\"")
+  p.add_argument("--coordinator_address")
+  p.add_argument("--num_processes", type=int)
+  p.add_argument("--process_id", type=int)
+  p.add_argument("--distributed", action="store_true",
+                 help="jax.distributed.initialize() with auto-detection (TPU pods, Slurm)")
+  p.set_defaults(fn=_cmd_train, gin_flags=[])
+
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
   """Entry point of the `t5g` console script."""
-  args = build_parser().parse_args(argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  gin_flags = [a[len("--gin."):] for a in argv if a.startswith("--gin.")]
+  args = build_parser().parse_args([a for a in argv if not a.startswith("--gin.")])
+  if gin_flags and args.command != "train":
+    print(f"t5g {args.command}: error: --gin.* flags are for `t5g train`", file=sys.stderr)
+    return 2
+  args.gin_flags = gin_flags
   try:
     args.fn(args)
+  except FloatingPointError as e:  # A diverged run: its last good checkpoint is kept.
+    print(f"t5g {args.command}: {e}", file=sys.stderr)
+    return 1
   except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     print(f"t5g {args.command}: error: {message}", file=sys.stderr)

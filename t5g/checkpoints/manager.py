@@ -185,7 +185,9 @@ class TrainCheckpointManager:
     """Restores `step` (None: the newest readable one) onto the given targets.
 
     params, opt_state, rng: trees of jax.ShapeDtypeStruct (with `sharding=` where the arrays go
-    and the dtype to restore as) or of arrays whose shape, dtype and sharding are used. A step
+    and the dtype to restore as) or of arrays whose shape, dtype and sharding are used.
+    opt_state may also be a function of the step giving that step's target (the optimizer
+    state's structure can change during a run, e.g. when frozen parameters start training). A step
     that cannot be read raises a ValueError naming it; with step None the steps before are tried
     and, once one restores, the unreadable newer ones are moved aside with a warning.
     """
@@ -240,6 +242,8 @@ class TrainCheckpointManager:
     if differences:
       raise ValueError(f"{self._step_dir(step)}: saved for another model than this run's: "
                        f"{', '.join(differences)}")
+    if callable(opt_state):
+      opt_state = opt_state(step)
     restored = self._read(
         step, params=ocp.args.StandardRestore(params),
         opt_state=ocp.args.StandardRestore(opt_state),

@@ -133,8 +133,9 @@ def config_from_json(d: Mapping[str, Any], where: str = "config") -> ModelConfig
 class ComputeConfig:
   """How the model is computed; none of it changes the parameters' meaning.
 
-  dtype: activations and matmul inputs; param_dtype: stored parameters; scan_layers: run the
-  layers as a `nn.scan` over (local, global) pairs; remat_policy: one of REMAT_POLICIES.
+  dtype: activations and matmul inputs; param_dtype: stored parameters (dtypes or their names,
+  e.g. "bfloat16" from gin); scan_layers: run the layers as a `nn.scan` over (local, global)
+  pairs; remat_policy: one of REMAT_POLICIES.
   """
 
   dtype: Any = jnp.bfloat16
@@ -143,6 +144,11 @@ class ComputeConfig:
   remat_policy: str = "none"
 
   def __post_init__(self):
+    for name in ("dtype", "param_dtype"):
+      try:
+        object.__setattr__(self, name, jnp.dtype(getattr(self, name)).type)
+      except TypeError:
+        raise ValueError(f"ComputeConfig.{name}={getattr(self, name)!r}: not a dtype") from None
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"ComputeConfig.remat_policy={self.remat_policy!r}: choose one of "
                        f"{REMAT_POLICIES}")

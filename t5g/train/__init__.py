@@ -1,0 +1,1 @@
+"""Training: FLOP accounting and the training loop."""

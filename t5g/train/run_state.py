@@ -1,0 +1,173 @@
+"""What a run trains: the model, its shardings, the optimizer of each phase, and the first state.
+
+The first state comes from, in this order: the run directory's newest readable step (resume),
+an initial checkpoint (`init_checkpoint`: an adapted or imported t5g directory), or a random
+initialisation. Parameters are created or restored directly into their shardings; the optimizer
+state of each phase is sharded like the parameters it mirrors (factored or scalar statistics are
+replicated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from t5g.checkpoints import model_dir
+from t5g.checkpoints.manager import TrainCheckpointManager
+from t5g.model.config import ComputeConfig, EncoderDecoderConfig, ModelConfig, StackConfig
+from t5g.model.models import abstract_params, init_params, make_model
+from t5g.train import optimizers, partitioning
+from t5g.train.optimizers import OptimizerConfig, Phase
+from t5g.train.train_step import StepState
+
+
+def _names(path: Sequence[Any]) -> tuple[str, ...]:
+  return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def mirrored_shardings(state_shapes: Any, param_shapes: Any, param_shardings: Any,
+                       mesh: Mesh) -> Any:
+  """Shardings for an optimizer state: a leaf whose path ends with a parameter's path and has its
+  shape gets that parameter's sharding; every other leaf is replicated."""
+  by_path = {}
+  for (path, shape), sharding in zip(jax.tree_util.tree_leaves_with_path(param_shapes),
+                                     jax.tree_util.tree_leaves(param_shardings)):
+    by_path[_names(path)] = (shape.shape, sharding)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def pick(path, leaf):
+    names = _names(path)
+    for start in range(len(names)):
+      found = by_path.get(names[start:])
+      if found is not None and found[0] == leaf.shape:
+        return found[1]
+    return replicated
+  return jax.tree_util.tree_map_with_path(pick, state_shapes)
+
+
+@dataclasses.dataclass
+class RunModel:
+  """The trained model and how it is laid out on the mesh."""
+
+  config: ModelConfig
+  compute: ComputeConfig
+  module: nn.Module
+  param_shapes: Any           # ShapeDtypeStructs with shardings
+  param_shardings: Any
+  new_parameters: list[str]   # from the initial checkpoint (fresh, not adapted)
+
+  @property
+  def scanned(self) -> bool:
+    """Whether the parameters are in the scanned layout."""
+    return self.compute.scan_layers
+
+
+def build_model(config: ModelConfig | None, compute: ComputeConfig, mesh: Mesh,
+                rules: partitioning.Rules, init_checkpoint: str | None,
+                max_replicated_fraction: float) -> RunModel:
+  """The run's model: `config`, or the initial checkpoint's (they must agree when both given)."""
+  new_parameters: list[str] = []
+  if init_checkpoint is not None:
+    meta, _ = model_dir.read_metadata(init_checkpoint)
+    saved, _, _ = model_dir.read_model(init_checkpoint)
+    if config is not None and config != saved:
+      found = model_dir.differences(saved.to_dict(), config.to_dict())
+      raise ValueError(f"init_checkpoint={init_checkpoint} holds another model than the one "
+                       f"configured: {', '.join(found)}")
+    config, new_parameters = saved, list(meta.get("new_parameters", []))
+  if config is None:
+    raise ValueError("train: set `model` (e.g. MODEL = @t5g.get_preset()) or init_checkpoint")
+  boxed = abstract_params(config, compute, boxed=True)
+  shardings = partitioning.param_shardings(boxed, mesh, rules)
+  shapes = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                     sharding=sh),
+                                  nn.unbox(boxed), shardings)
+  partitioning.check_fsdp_coverage(shapes, shardings, mesh, max_replicated_fraction)
+  return RunModel(config, compute, make_model(config, compute), shapes, shardings,
+                  new_parameters)
+
+
+def default_phases(model: RunModel, warmup_steps: int) -> list[Phase]:
+  """One phase training everything, or first `warmup_steps` of only the new parameters."""
+  if not warmup_steps:
+    return [Phase(0)]
+  if not model.new_parameters:
+    raise ValueError(f"warmup_new_parameters_steps={warmup_steps}, but the initial checkpoint "
+                     "records no new parameters (only an unbalanced adaptation has them)")
+  return [Phase(0, tuple(model.new_parameters)), Phase(warmup_steps)]
+
+
+@dataclasses.dataclass
+class PhaseOptimizer:
+  """One phase's optimizer, which parameters it trains, and its state's shapes/shardings."""
+
+  phase: Phase
+  optimizer: optax.GradientTransformation
+  trainable: Any
+  state_shapes: Any
+  state_shardings: Any
+
+
+def phase_optimizers(config: OptimizerConfig, phases: Sequence[Phase], model: RunModel,
+                     mesh: Mesh) -> list[PhaseOptimizer]:
+  """The optimizer of every phase, with its state's sharded shapes."""
+  out = []
+  for phase in phases:
+    tx = optimizers.make_optimizer(config, model.param_shapes, phase)
+    shapes = jax.eval_shape(tx.init, model.param_shapes)
+    shardings = mirrored_shardings(shapes, model.param_shapes, model.param_shardings, mesh)
+    shapes = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    out.append(PhaseOptimizer(phase, tx, optimizers.trainable_mask(model.param_shapes,
+                                                                   phase.trainable),
+                              shapes, shardings))
+  return out
+
+
+def init_opt_state(phase: PhaseOptimizer, params: Any) -> Any:
+  """A fresh optimizer state for `params`, created in its shardings."""
+  return jax.jit(phase.optimizer.init, out_shardings=phase.state_shardings)(params)
+
+
+def first_state(model: RunModel, phases: list[PhaseOptimizer], phase_starts: Sequence[Phase],
+                manager: TrainCheckpointManager, init_checkpoint: str | None, seed: int
+                ) -> tuple[StepState, Any, dict | None]:
+  """(state, rng, data-iterator state or None) to start from (see the module docstring)."""
+  rng = jax.random.PRNGKey(seed)
+  if manager.all_steps():
+    def opt_target(step: int) -> Any:  # Saved after step - 1 ran, by that step's phase.
+      return phases[optimizers.phase_at(phase_starts, max(step - 1, 0))].state_shapes
+    restored = manager.restore(model.param_shapes, opt_target, rng)
+    state = StepState(jnp.asarray(restored.step, jnp.int32), restored.params,
+                      restored.opt_state)
+    return state, restored.rng, restored.data
+  if init_checkpoint is not None:
+    params, _ = model_dir.restore_params(init_checkpoint, model.param_shapes, model.config,
+                                         model.scanned)
+  else:
+    params = jax.jit(lambda key: init_params(model.config, model.compute, key),
+                     out_shardings=model.param_shardings)(rng)
+  return StepState(jnp.zeros((), jnp.int32), params, init_opt_state(phases[0], params)), rng, None
+
+
+def load_teacher(checkpoint: str, compute: ComputeConfig, mesh: Mesh,
+                 rules: partitioning.Rules) -> tuple[nn.Module, Any, StackConfig]:
+  """A decoder-only Gemma 2 teacher from a t5g directory: (module, sharded params, config)."""
+  config, scanned, _ = model_dir.read_model(checkpoint)
+  if isinstance(config, EncoderDecoderConfig):
+    raise ValueError(f"teacher_checkpoint={checkpoint}: the teacher must be a decoder-only "
+                     "Gemma 2, this is a T5Gemma")
+  compute = dataclasses.replace(compute, scan_layers=scanned, remat_policy="none")
+  boxed = abstract_params(config, compute, boxed=True)
+  shardings = partitioning.param_shardings(boxed, mesh, rules)
+  target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                                     sharding=sh),
+                                  nn.unbox(boxed), shardings)
+  params, _ = model_dir.restore_params(checkpoint, target, config, scanned)
+  return make_model(config, compute), params, config

@@ -1,0 +1,222 @@
+"""`t5g train`: the training loop, configured by gin (see gin/README.md).
+
+Per step: this host's rows of the global batch are read (`t5g.data.pipeline`), assembled into
+global arrays over the mesh (`partitioning.global_batch`) and passed with the donated state to
+the jitted step (`t5g.train.train_step`) under explicit in/out shardings. Around the step: the
+metrics of the previous step are fetched (one step behind, so the host never waits for the
+device) and checked for NaN/inf; metrics are logged every `log_every` steps, the eval split is
+scored every `eval_every` steps, and the checkpoint manager saves every `save_every` steps, with
+the data iterator's position, so a restarted run continues exactly. SIGTERM or SIGINT saves the
+current step and returns; a non-finite loss stops the run before anything from that step is
+saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from t5g.checkpoints.manager import CheckpointOptions, TrainCheckpointManager, TrainState
+from t5g.data.pipeline import InputConfig, InputIterator
+from t5g.model.config import ComputeConfig, ModelConfig
+from t5g.train import flops, gin_config, partitioning, run_state
+from t5g.train.metrics import MetricsLogger, measure_matmul_peak
+from t5g.train.optimizers import OptimizerConfig, Phase, learning_rate_schedule, phase_at
+from t5g.train.partitioning import DEFAULT_RULES, MeshConfig
+from t5g.train.train_step import (LossConfig, StepState, make_eval_step, make_train_step,
+                                  normalise_sums)
+
+
+class NonFiniteLoss(FloatingPointError):
+  """The loss became NaN or infinite; the run stopped without saving that step."""
+
+
+class _StopSignal:
+  """Remembers SIGTERM/SIGINT while installed; every host agrees on it at each check."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # noqa: ARG002
+    logging.warning("received signal %d: saving and stopping after this step", signum)
+    self.received = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def anywhere(self) -> bool:
+    """Whether any host received a signal."""
+    if jax.process_count() == 1:
+      return self.received
+    return bool(np.max(multihost_utils.process_allgather(np.int32(self.received))))
+
+
+def _per_host(config: InputConfig, shard: Any) -> InputConfig:
+  """`config` with this host's rows: its batch_size is the global batch."""
+  if config.batch_size % shard.num_shards:
+    raise ValueError(f"global batch_size {config.batch_size} does not split over "
+                     f"{shard.num_shards} data shards")
+  return dataclasses.replace(config, batch_size=config.batch_size // shard.num_shards)
+
+
+def _step_flops(model: ModelConfig, data: InputConfig, teacher: Any) -> float:
+  lengths = data.task_feature_lengths
+  if data.feature_converter == "encoder_decoder":
+    return flops.train_step_flops(model, data.batch_size, lengths["targets"], lengths["inputs"],
+                                  teacher=teacher)
+  length = sum(lengths.values()) if data.feature_converter == "prefix_lm" else lengths["targets"]
+  return flops.train_step_flops(model, data.batch_size, length)
+
+
+def _evaluate(eval_step, params, data: InputConfig, shard, mesh, steps: int | None) -> dict:
+  sums = None
+  for i, local in enumerate(InputIterator(_per_host(data, shard), shard)):
+    if steps is not None and i >= steps:
+      break
+    out = eval_step(params, partitioning.global_batch(local, mesh))
+    sums = out if sums is None else jax.tree_util.tree_map(np.add, sums, out)
+  if sums is None:
+    raise ValueError(f"eval split {data.mixture_or_task_name}:{data.split} gave no batch")
+  return normalise_sums(jax.device_get(sums))
+
+
+@gin.configurable(module="t5g")
+def train(*, model_dir: str = gin.REQUIRED, train_input: InputConfig = gin.REQUIRED,
+          train_steps: int = gin.REQUIRED, model: ModelConfig | None = None,
+          init_checkpoint: str | None = None, compute: ComputeConfig = ComputeConfig(),
+          mesh: MeshConfig = MeshConfig(), logical_axis_rules: Sequence = DEFAULT_RULES,
+          optimizer: OptimizerConfig = OptimizerConfig(), phases: Sequence[Phase] | None = None,
+          warmup_new_parameters_steps: int = 0, loss: LossConfig = LossConfig(),
+          teacher_checkpoint: str | None = None, num_microbatches: int = 1,
+          checkpoint: CheckpointOptions = CheckpointOptions(), log_every: int = 10,
+          eval_input: InputConfig | None = None, eval_every: int = 0,
+          eval_steps: int | None = None, seed: int = 0,
+          max_replicated_fraction: float = 0.01,
+          peak_flops_per_device: float | None = None,
+          register_tasks: Sequence[Callable[[], Any]] = ()) -> dict[str, float]:
+  """Trains until step `train_steps` and returns the last logged train metrics (with `step`).
+
+  model_dir: the run directory (checkpoints, config.gin, TensorBoard events); a run resumes from
+  its newest readable step. train_input/eval_input: `batch_size` is the GLOBAL batch. model: the
+  architecture (None: the init checkpoint's). phases: which parameters train from which step
+  (default: all; or the new parameters alone for `warmup_new_parameters_steps`). teacher_checkpoint:
+  a Gemma 2 t5g directory to distil from (with loss.kd_weight > 0). peak_flops_per_device: for
+  MFU (None: a matmul measured at start). register_tasks: functions called first, e.g. to
+  register the C4 tasks with the Gemma tokenizer (`t5g.register_c4_tasks`).
+  """
+  for register in register_tasks:
+    register()
+  if loss.kd_weight > 0 and teacher_checkpoint is None:
+    raise ValueError("loss.kd_weight > 0 needs a teacher_checkpoint")
+  if optimizer.schedule == "cosine" and optimizer.decay_steps is None:
+    optimizer = dataclasses.replace(optimizer, decay_steps=train_steps)
+  rules = tuple(tuple(rule) for rule in logical_axis_rules)
+  device_mesh = partitioning.make_mesh(mesh)
+  run = run_state.build_model(model, compute, device_mesh, rules, init_checkpoint,
+                              max_replicated_fraction)
+  phases = list(phases) if phases else run_state.default_phases(run, warmup_new_parameters_steps)
+  phase_at(phases, 0)  # validates the phases
+  opt_phases = run_state.phase_optimizers(optimizer, phases, run, device_mesh)
+  teacher_model = teacher_params = teacher_config = teacher_shardings = None
+  if teacher_checkpoint is not None:
+    teacher_model, teacher_params, teacher_config = run_state.load_teacher(
+        teacher_checkpoint, compute, device_mesh, rules)
+    teacher_shardings = jax.tree_util.tree_map(lambda x: x.sharding, teacher_params)
+  shard = partitioning.data_shard_info(device_mesh, train_input.batch_size)
+  replicated = NamedSharding(device_mesh, PartitionSpec())
+  batch_sharding = partitioning.batch_sharding(device_mesh)
+  schedule = learning_rate_schedule(optimizer)
+  peak = (peak_flops_per_device or measure_matmul_peak(np.dtype(compute.dtype).name)
+          ) * device_mesh.size
+  writer = jax.process_index() == 0
+  if writer:
+    gin_config.write_config(model_dir)
+  logger = MetricsLogger(model_dir, "train", _step_flops(run.config, train_input, teacher_config),
+                         peak, train_steps, writer)
+  context = contextlib.ExitStack()
+  context.enter_context(jax.set_mesh(device_mesh))
+  context.enter_context(nn.logical_axis_rules(rules))
+  manager = context.enter_context(TrainCheckpointManager(
+      model_dir, run.config, run.scanned, checkpoint, run.new_parameters))
+  stop = context.enter_context(_StopSignal())
+  with context:
+    state, rng, data_state = run_state.first_state(run, opt_phases, phases, manager,
+                                                   init_checkpoint, seed)
+    data = InputIterator(_per_host(train_input, shard), shard, data_state)
+    eval_step = jax.jit(make_eval_step(run.module, loss), out_shardings=replicated)
+    start = int(state.step)
+    if start:
+      logging.info("%s: resumed at step %d", model_dir, start)
+    compiled, last_saved, last = {}, start if start else None, {}
+
+    def step_fn(index: int):
+      if index not in compiled:
+        phase = opt_phases[index]
+        fn = make_train_step(run.module, phase.optimizer, loss, schedule, num_microbatches,
+                             phase.trainable, teacher_model)
+        shardings = StepState(replicated, run.param_shardings, phase.state_shardings)
+        compiled[index] = jax.jit(fn, in_shardings=(shardings, batch_sharding,
+                                                    teacher_shardings),
+                                  out_shardings=(shardings, replicated), donate_argnums=0)
+      return compiled[index]
+
+    def check(step: int, metrics: Any) -> dict[str, float]:
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not math.isfinite(values["loss"]):
+        raise NonFiniteLoss(f"{model_dir}: step {step}: loss is {values['loss']}; stopped. "
+                            f"Newest saved step: {last_saved} (kept).")
+      logger.add(values)
+      return values
+
+    current = phase_at(phases, start - 1) if start else 0  # the phase of the held opt_state
+    pending = None  # (step, device metrics) of the newest step not yet checked
+    for step in range(start, train_steps):
+      index = phase_at(phases, step)
+      if index != current:  # A new phase starts with a fresh state for its trainable params.
+        state = state._replace(opt_state=run_state.init_opt_state(opt_phases[index],
+                                                                  state.params))
+        current = index
+      batch = partitioning.global_batch(next(data), device_mesh)
+      state, metrics = step_fn(index)(state, batch, teacher_params)
+      if pending is not None:
+        check(*pending)  # The previous step's, while this one runs.
+      done = step + 1
+      pending = (done, metrics)
+      stopping = stop.anywhere()
+      log_now = done % log_every == 0 or done == train_steps or stopping
+      save_now = manager.should_save(done) or done == train_steps or stopping
+      if log_now or save_now:
+        values, pending = check(*pending), None
+      if log_now:
+        last = {**logger.flush(done), "step": done}
+      if eval_input is not None and eval_every and (done % eval_every == 0 or done == train_steps):
+        logger.write(done, _evaluate(eval_step, state.params, eval_input, shard, device_mesh,
+                                     eval_steps), "eval")
+        logger.restart_clock()
+      if save_now:
+        manager.save(TrainState(done, state.params, state.opt_state, rng, data.state()),
+                     metrics={"loss": values["loss"]}, force=True)
+        last_saved = done
+      if stopping:
+        logging.warning("%s: stopped by a signal after step %d (saved)", model_dir, done)
+        break
+  logger.close()
+  return last

@@ -1,0 +1,100 @@
+"""`t5g train` configuration: layered gin files, REQUIRED macros, unknown bindings, config.gin."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import gin
+import pytest
+
+from t5g.train import gin_config, trainer  # noqa: F401  (registers t5g.train)
+
+EXPERIMENTS = sorted(os.path.relpath(p, gin_config.GIN_DIR) for p in
+                     glob.glob(os.path.join(gin_config.GIN_DIR, "experiments", "*.gin"))
+                     if not os.path.basename(p).startswith("_"))
+MODEL_FIRST = ("superglue_finetune.gin", "instruction_finetune.gin")  # take a model file first
+
+
+def _files(experiment: str) -> list[str]:
+  if os.path.basename(experiment) in MODEL_FIRST:
+    return ["models/t5gemma-2b-2b.gin", experiment]
+  return [experiment]
+
+
+def _missing(files: list[str]) -> list[str]:
+  with pytest.raises(ValueError, match="required value") as error:
+    gin_config.parse(files, [])
+  return re.search(r"not set: (.*) \(bind", str(error.value)).group(1).split(", ")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_parses_once_its_required_macros_are_set(experiment):
+  files = _files(experiment)
+  missing = _missing(files)
+  assert "MODEL_DIR" in missing
+  gin_config.parse(files, [f"{name} = '/tmp/{name.lower()}'" for name in missing])
+  assert gin.query_parameter("t5g.train.model_dir") is not None
+  lengths = gin.query_parameter("train/t5g.InputConfig.task_feature_lengths")
+  assert lengths is not None
+  gin.clear_config()
+
+
+def test_paper_lengths_in_the_adaptation_recipes():
+  for name, lengths in (("t5gemma_2b_2b_prefixlm_kd", 4096), ("t5gemma_2b_2b_ul2", 8192),
+                        ("t5gemma_9b_2b_ul2", 8192), ("t5gemma_9b_9b_ul2", 8192)):
+    files = [f"experiments/{name}.gin"]
+    gin_config.parse(files, [f"{m} = 'x'" for m in _missing(files)])
+    assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == {"inputs": lengths,
+                                                             "targets": lengths}
+  files = ["experiments/t5gemma_9b_2b_ul2.gin"]
+  gin_config.parse(files, [f"{m} = 'x'" for m in _missing(files)])
+  assert gin.query_parameter("t5g.train.warmup_new_parameters_steps") == 1000
+  gin.clear_config()
+
+
+def _t5g(*args: str, cwd: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "t5g", *args], cwd=cwd, capture_output=True,
+                        text=True, timeout=600)
+
+
+def test_missing_required_macro_fails_before_anything_is_built(tmp_path):
+  run = _t5g("train", "--gin_file=models/gemma2-tiny.gin", "--gin_file=runs/pretrain.gin",
+             f"--gin.MODEL_DIR='{tmp_path}/run'", "--gin.TRAIN_STEPS=2", cwd=str(tmp_path))
+  assert run.returncode == 2, run.stderr
+  assert "MIXTURE_OR_TASK_NAME" in run.stderr and "TASK_FEATURE_LENGTHS" in run.stderr
+  assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("binding,named", [
+    ("--gin.t5g.OptimizerConfig.learning_rat=0.1", "learning_rat"),
+    ("--gin.t5g.NoSuchThing.value=1", "t5g.NoSuchThing"),
+])
+def test_unknown_binding_fails_naming_it(tmp_path, binding, named):
+  run = _t5g("train", "--gin_file=experiments/embedded_gemma2_teacher.gin",
+             f"--gin.MODEL_DIR='{tmp_path}/run'", binding, cwd=str(tmp_path))
+  assert run.returncode == 2, run.stderr
+  assert named in run.stderr
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_missing_gin_file_is_named(tmp_path):
+  run = _t5g("train", "--gin_file=experiments/nope.gin", cwd=str(tmp_path))
+  assert run.returncode == 2 and "experiments/nope.gin" in run.stderr
+
+
+def test_train_writes_config_gin_events_and_checkpoint(tmp_path):
+  model_dir = tmp_path / "run"
+  run = _t5g("train", "--gin_file=experiments/embedded_gemma2_teacher.gin",
+             f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=2", "--gin.WARMUP_STEPS=1", "--gin.BATCH_SIZE=4",
+             "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 16}",
+             "--gin_bindings=t5g.train.log_every = 1", cwd=str(tmp_path))
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "train step 2/2" in run.stdout
+  config = (model_dir / "config.gin").read_text()
+  assert "TRAIN_STEPS = 2" in config and "'inputs': 16" in config
+  assert glob.glob(str(model_dir / "train" / "events.out.tfevents.*"))
+  assert (model_dir / "2").is_dir()
