@@ -31,16 +31,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import PEAK_N, hf_t5gemma, matmul_peak_gflops, random_tokens, seconds
 from t5g.model import ComputeConfig, get_preset, init_params, make_model
 from t5g.model.config import REMAT_POLICIES, EncoderDecoderConfig, StackConfig
-
-PEAK_N = 4096
 
 
 def layer_matmul_params(cfg: StackConfig) -> int:
@@ -65,35 +63,6 @@ def step_flops(config: EncoderDecoderConfig, batch: int, enc_len: int, dec_len: 
   return 3.0 * (matmul + attention)
 
 
-def seconds(fn) -> float:
-  """Wall-clock seconds of one call of `fn`."""
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
-def matmul_peak_gflops(n: int = PEAK_N, repeats: int = 5) -> tuple[float, float]:
-  """Best fp32 [n, n] @ [n, n] GFLOP/s over `repeats` runs: jitted jnp, then torch."""
-  import torch
-  rng = np.random.RandomState(0)
-  a, b = (rng.randn(n, n).astype(np.float32) for _ in range(2))
-  ja, jb = jnp.asarray(a), jnp.asarray(b)
-  matmul = jax.jit(jnp.matmul)
-  matmul(ja, jb).block_until_ready()
-  best_jax = min(seconds(lambda: matmul(ja, jb).block_until_ready()) for _ in range(repeats))
-  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-  ta @ tb
-  best_torch = min(seconds(lambda: ta @ tb) for _ in range(repeats))
-  return 2 * n ** 3 / best_jax / 1e9, 2 * n ** 3 / best_torch / 1e9
-
-
-def random_tokens(vocab: int, batch: int, enc_len: int, dec_len: int):
-  """Encoder inputs, decoder inputs and decoder targets: int32 ids in [3, vocab)."""
-  rng = np.random.RandomState(0)
-  return tuple(rng.randint(3, vocab, (batch, n)).astype(np.int32)
-               for n in (enc_len, dec_len, dec_len))
-
-
 def t5g_step_times(config, tokens, steps: int, warmup: int, compute: ComputeConfig) -> list[float]:
   """Seconds of each timed jitted loss-and-gradient step of t5g."""
   model = make_model(config, compute)
@@ -114,15 +83,8 @@ def t5g_step_times(config, tokens, steps: int, warmup: int, compute: ComputeConf
 def transformers_step_times(config, tokens, steps: int, warmup: int) -> list[float]:
   """Seconds of each timed eager forward + `loss.backward()` step of transformers' T5Gemma."""
   import torch
-  import transformers
-  from transformers.models.t5gemma.configuration_t5gemma import T5GemmaModuleConfig
-  from t5g.compat.hf_config import stack_to_hf
 
-  hf_config = transformers.T5GemmaConfig(
-      encoder=T5GemmaModuleConfig(**stack_to_hf(config.encoder)),
-      decoder=T5GemmaModuleConfig(**stack_to_hf(config.decoder)),
-      vocab_size=config.vocab_size, attn_implementation="eager")
-  model = transformers.T5GemmaForConditionalGeneration(hf_config).train()
+  model = hf_t5gemma(config)
   enc, dec, targets = (torch.from_numpy(x).long() for x in tokens)
 
   def run():
