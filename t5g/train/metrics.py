@@ -12,24 +12,8 @@ import os
 import time
 from typing import Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
-
-
-def measure_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
-  """FLOP/s of one device on a jitted square matmul of `size` (best of `repeats`)."""
-  device = jax.local_devices()[0]
-  a = jax.device_put(jnp.ones((size, size), dtype), device)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2.0 * size ** 3 / best
 
 
 class MetricsLogger:

@@ -31,6 +31,20 @@ def _names(path: Sequence[Any]) -> tuple[str, ...]:
   return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
+def _with_shardings(shapes: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs like `shapes`, each carrying its sharding from `shardings`."""
+  return jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def sharded_abstract_params(config: ModelConfig, compute: ComputeConfig, mesh: Mesh,
+                            rules: partitioning.Rules) -> tuple[Any, Any]:
+  """(ShapeDtypeStructs with shardings, NamedShardings) of the parameters under `rules`."""
+  boxed = abstract_params(config, compute, boxed=True)
+  shardings = partitioning.param_shardings(boxed, mesh, rules)
+  return _with_shardings(nn.unbox(boxed), shardings), shardings
+
+
 def mirrored_shardings(state_shapes: Any, param_shapes: Any, param_shardings: Any,
                        mesh: Mesh) -> Any:
   """Shardings for an optimizer state: a leaf whose path ends with a parameter's path and has its
@@ -83,11 +97,7 @@ def build_model(config: ModelConfig | None, compute: ComputeConfig, mesh: Mesh,
     config, new_parameters = saved, list(meta.get("new_parameters", []))
   if config is None:
     raise ValueError("train: set `model` (e.g. MODEL = @t5g.get_preset()) or init_checkpoint")
-  boxed = abstract_params(config, compute, boxed=True)
-  shardings = partitioning.param_shardings(boxed, mesh, rules)
-  shapes = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                                     sharding=sh),
-                                  nn.unbox(boxed), shardings)
+  shapes, shardings = sharded_abstract_params(config, compute, mesh, rules)
   partitioning.check_fsdp_coverage(shapes, shardings, mesh, max_replicated_fraction)
   return RunModel(config, compute, make_model(config, compute), shapes, shardings,
                   new_parameters)
@@ -110,8 +120,12 @@ class PhaseOptimizer:
   phase: Phase
   optimizer: optax.GradientTransformation
   trainable: Any
-  state_shapes: Any
-  state_shardings: Any
+  state_shapes: Any  # ShapeDtypeStructs with shardings
+
+  @property
+  def state_shardings(self) -> Any:
+    """The optimizer state's shardings."""
+    return jax.tree_util.tree_map(lambda s: s.sharding, self.state_shapes)
 
 
 def phase_optimizers(config: OptimizerConfig, phases: Sequence[Phase], model: RunModel,
@@ -122,11 +136,9 @@ def phase_optimizers(config: OptimizerConfig, phases: Sequence[Phase], model: Ru
     tx = optimizers.make_optimizer(config, model.param_shapes, phase)
     shapes = jax.eval_shape(tx.init, model.param_shapes)
     shardings = mirrored_shardings(shapes, model.param_shapes, model.param_shardings, mesh)
-    shapes = jax.tree_util.tree_map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     out.append(PhaseOptimizer(phase, tx, optimizers.trainable_mask(model.param_shapes,
                                                                    phase.trainable),
-                              shapes, shardings))
+                              _with_shardings(shapes, shardings)))
   return out
 
 
@@ -135,14 +147,16 @@ def init_opt_state(phase: PhaseOptimizer, params: Any) -> Any:
   return jax.jit(phase.optimizer.init, out_shardings=phase.state_shardings)(params)
 
 
-def first_state(model: RunModel, phases: list[PhaseOptimizer], phase_starts: Sequence[Phase],
+def first_state(model: RunModel, phases: list[PhaseOptimizer],
                 manager: TrainCheckpointManager, init_checkpoint: str | None, seed: int
                 ) -> tuple[StepState, Any, dict | None]:
   """(state, rng, data-iterator state or None) to start from (see the module docstring)."""
   rng = jax.random.PRNGKey(seed)
   if manager.all_steps():
+    starts = [p.phase for p in phases]
+
     def opt_target(step: int) -> Any:  # Saved after step - 1 ran, by that step's phase.
-      return phases[optimizers.phase_at(phase_starts, max(step - 1, 0))].state_shapes
+      return phases[optimizers.phase_at(starts, max(step - 1, 0))].state_shapes
     restored = manager.restore(model.param_shapes, opt_target, rng)
     state = StepState(jnp.asarray(restored.step, jnp.int32), restored.params,
                       restored.opt_state)
@@ -164,10 +178,6 @@ def load_teacher(checkpoint: str, compute: ComputeConfig, mesh: Mesh,
     raise ValueError(f"teacher_checkpoint={checkpoint}: the teacher must be a decoder-only "
                      "Gemma 2, this is a T5Gemma")
   compute = dataclasses.replace(compute, scan_layers=scanned, remat_policy="none")
-  boxed = abstract_params(config, compute, boxed=True)
-  shardings = partitioning.param_shardings(boxed, mesh, rules)
-  target = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                                     sharding=sh),
-                                  nn.unbox(boxed), shardings)
+  target, _ = sharded_abstract_params(config, compute, mesh, rules)
   params, _ = model_dir.restore_params(checkpoint, target, config, scanned)
   return make_model(config, compute), params, config

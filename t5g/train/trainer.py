@@ -31,7 +31,7 @@ from t5g.checkpoints.manager import CheckpointOptions, TrainCheckpointManager, T
 from t5g.data.pipeline import InputConfig, InputIterator
 from t5g.model.config import ComputeConfig, ModelConfig
 from t5g.train import flops, gin_config, partitioning, run_state
-from t5g.train.metrics import MetricsLogger, measure_matmul_peak
+from t5g.train.metrics import MetricsLogger
 from t5g.train.optimizers import OptimizerConfig, Phase, learning_rate_schedule, phase_at
 from t5g.train.partitioning import DEFAULT_RULES, MeshConfig
 from t5g.train.train_step import (LossConfig, StepState, make_eval_step, make_train_step,
@@ -144,7 +144,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_input: InputConfig = gin.REQUI
   replicated = NamedSharding(device_mesh, PartitionSpec())
   batch_sharding = partitioning.batch_sharding(device_mesh)
   schedule = learning_rate_schedule(optimizer)
-  peak = (peak_flops_per_device or measure_matmul_peak(np.dtype(compute.dtype).name)
+  peak = (peak_flops_per_device or flops.measure_matmul_peak(np.dtype(compute.dtype).name)
           ) * device_mesh.size
   writer = jax.process_index() == 0
   if writer:
@@ -158,8 +158,8 @@ def train(*, model_dir: str = gin.REQUIRED, train_input: InputConfig = gin.REQUI
       model_dir, run.config, run.scanned, checkpoint, run.new_parameters))
   stop = context.enter_context(_StopSignal())
   with context:
-    state, rng, data_state = run_state.first_state(run, opt_phases, phases, manager,
-                                                   init_checkpoint, seed)
+    state, rng, data_state = run_state.first_state(run, opt_phases, manager, init_checkpoint,
+                                                   seed)
     data = InputIterator(_per_host(train_input, shard), shard, data_state)
     eval_step = jax.jit(make_eval_step(run.module, loss), out_shardings=replicated)
     start = int(state.step)
