@@ -32,6 +32,8 @@ setuptools.setup(
             "transformers>=5.0,<6",
             "safetensors>=0.4",
         ],
+        # `t5g precompile`: libtpu, to compile for a TPU topology on a machine without one.
+        "tpu-aot": ["jax[tpu]>=0.10,<0.11"],
     },
     entry_points={"console_scripts": ["t5g=t5g.cli:main"]},
 )

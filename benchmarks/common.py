@@ -65,3 +65,15 @@ def hf_t5gemma(config: EncoderDecoderConfig):
       decoder=T5GemmaModuleConfig(**stack_to_hf(config.decoder)),
       vocab_size=config.vocab_size, attn_implementation="eager")
   return transformers.T5GemmaForConditionalGeneration(hf_config).train()
+
+
+def memory_bandwidth_gbps(megabytes: int = 512, repeats: int = 5) -> float:
+  """Best GB/s of a jitted float32 sum over a `megabytes` array (each byte read once): the
+  machine's read bandwidth, what a weight-bound decode step is limited by."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((megabytes * 2 ** 20 // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(x).block_until_ready()
+  best = min(seconds(lambda: total(x).block_until_ready()) for _ in range(repeats))
+  return x.nbytes / best / 1e9

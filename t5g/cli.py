@@ -10,6 +10,12 @@
                [--vocabulary=tokenizer.model] [--batch_size=8]
     t5g train  --gin_file=F [--gin_file=F2 ...] [--gin.NAME=VALUE ...] [--gin_bindings="..."]
                [--coordinator_address=H:P --num_processes=N --process_id=I | --distributed]
+    t5g generate   --checkpoint=T5G_DIR --input=IN.jsonl --output=OUT.jsonl [...]
+    t5g eval       --gin_file=F [--gin.NAME=VALUE ...]
+    t5g precompile --gin_file=F --topology=v5p:4x4x4 [--gin.NAME=VALUE ...]
+
+The last three live beside the code they run (`EXTERNAL_COMMANDS`); each of those modules has
+`HELP`, `add_arguments(parser)` and `run(args)`, and imports its heavy dependencies in `run`.
 
 SRC is a Hugging Face folder, a t5g checkpoint directory or a Google Flax/Orbax checkpoint
 (FLAT or NESTED), detected from its files. Errors in the input (a path, a key, a shape) end
@@ -19,9 +25,18 @@ the command with a one-line message and exit status 2; nothing is left half-writ
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
-import os
 import sys
+
+# Sub-commands defined beside the code they run: name -> module.
+EXTERNAL_COMMANDS = {
+    "generate": "t5g.inference.generate_cli",
+    "eval": "t5g.evaluation.eval_cli",
+    "precompile": "t5g.train.precompile",
+}
+# Sub-commands that read gin files and accept --gin.NAME=VALUE flags.
+GIN_COMMANDS = ("train", "eval", "precompile")
 
 
 def _bool(value: str) -> bool:
@@ -76,19 +91,14 @@ def _cmd_average(args) -> None:
 
 def _cmd_score(args) -> None:
   from t5g import scoring
+  from t5g.atomic_file import atomic_write
   from t5g.checkpoints import model_dir
   examples = scoring.read_examples(args.input, args.vocabulary)
   loaded = model_dir.load(args.checkpoint, args.step)
-  tmp = f"{args.output}.tmp-{os.getpid()}"
-  try:
-    with open(tmp, "w") as f:
-      for record in scoring.score(loaded.params, loaded.config, examples, args.batch_size,
-                                  loaded.scanned):
-        f.write(json.dumps(record) + "\n")
-    os.replace(tmp, args.output)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with atomic_write(args.output) as f:
+    for record in scoring.score(loaded.params, loaded.config, examples, args.batch_size,
+                                loaded.scanned):
+      f.write(json.dumps(record) + "\n")
   print(f"scored {len(examples)} examples -> {args.output}")
 
 
@@ -161,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="jax.distributed.initialize() with auto-detection (TPU pods, Slurm)")
   p.set_defaults(fn=_cmd_train, gin_flags=[])
 
+  for name, module_name in EXTERNAL_COMMANDS.items():
+    module = importlib.import_module(module_name)
+    p = sub.add_parser(name, help=module.HELP)
+    module.add_arguments(p)
+    p.set_defaults(fn=module.run, gin_flags=[])
+
   return parser
 
 
@@ -169,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   gin_flags = [a[len("--gin."):] for a in argv if a.startswith("--gin.")]
   args = build_parser().parse_args([a for a in argv if not a.startswith("--gin.")])
-  if gin_flags and args.command != "train":
-    print(f"t5g {args.command}: error: --gin.* flags are for `t5g train`", file=sys.stderr)
+  if gin_flags and args.command not in GIN_COMMANDS:
+    print(f"t5g {args.command}: error: --gin.* flags are for `t5g {'/'.join(GIN_COMMANDS)}`",
+          file=sys.stderr)
     return 2
   args.gin_flags = gin_flags
   try:

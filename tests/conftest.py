@@ -8,6 +8,9 @@ enough that the attention and final soft-caps bite.
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The tests run on CPU. libtpu (the `tpu-aot` extra, for `t5g precompile`) would otherwise try
+# to open a TPU at start-up and print its errors; compiling for a topology does not need it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
@@ -36,3 +39,19 @@ def hf_gemma2_wide_dir(tmp_path_factory):
   folder = str(tmp_path_factory.mktemp("hf_gemma2_wide"))
   hf_models.tiny_gemma2_wide(seed=2).save_pretrained(folder)
   return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_t5gemma_checkpoint(tmp_path_factory):
+  """A random t5gemma-tiny-tiny t5g checkpoint directory (step 0, scanned), read-only."""
+  from tests import eval_fixtures
+  return eval_fixtures.tiny_checkpoint(str(tmp_path_factory.mktemp("tiny_t5gemma") / "ckpt"))
+
+
+@pytest.fixture(scope="session")
+def hf_t5gemma_imported(hf_t5gemma_dir, tmp_path_factory):
+  """`hf_t5gemma_dir` imported by `t5g import` into a t5g checkpoint directory (step 0)."""
+  from t5g import cli
+  ckpt = str(tmp_path_factory.mktemp("hf_t5gemma_imported") / "t5g")
+  assert cli.main(["import", f"--input={hf_t5gemma_dir}", f"--output={ckpt}"]) == 0
+  return ckpt

@@ -132,7 +132,9 @@ def four_text_files(tmp_path_factory):
   documents = [" ".join(document.split()) for document in tasks.embedded_documents("validation")]
   for index in range(4):
     (folder / f"part-{index}.txt").write_text("\n".join(documents[index::4]) + "\n")
-  tasks.register_text_tasks("sharding_test", str(folder / "part-*.txt"))
+  # Documents alone: joined runs depend on which documents a shard holds, so sharded and
+  # unsharded examples would differ even though the documents split exactly.
+  tasks.register_text_tasks("sharding_test", str(folder / "part-*.txt"), documents_per_example=1)
   return "sharding_test.prefix_lm"
 
 
@@ -180,3 +182,34 @@ def test_input_config_rejects_bad_values():
   with pytest.raises(ValueError, match="invalid shard 2 of 2"):
     pipeline.make_dataset(pipeline.InputConfig("t5g.embedded.ul2", UL2_LENGTHS, batch_size=2),
                           seqio.ShardInfo(2, 2))
+
+
+def test_documents_are_joined_before_the_objective(tmp_path):
+  lines = [" ".join(document.split()[:12]) for document in tasks.embedded_documents("train")[:6]]
+  path = tmp_path / "short.txt"
+  path.write_text("\n".join(lines) + "\n")
+  vocabulary = seqio.get_mixture_or_task("t5g.embedded.ul2").output_features["targets"].vocabulary
+  tokens = [vocabulary.encode(line) for line in lines]
+  lengths = {"inputs": 256, "targets": 256}  # every joined run fits one chunk
+  for per_example in (1, 3):
+    tasks.register_text_tasks(f"joined_{per_example}", str(path),
+                              documents_per_example=per_example)
+    examples = [ex["inputs"].tolist() + ex["targets"].tolist()[:-1] for ex in
+                _task_dataset(f"joined_{per_example}.prefix_lm", lengths, split="train")
+                .as_numpy_iterator()]
+    expected = [sum(tokens[i:i + per_example], []) for i in range(0, len(tokens), per_example)]
+    assert examples == expected
+  with pytest.raises(ValueError, match="documents_per_example"):
+    tasks.register_text_tasks("joined_0", str(path), documents_per_example=0)
+
+
+def test_c4_pipeline_on_tfds_mock_data():
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=8):
+    for converter, name in [("encoder_decoder", "t5g.c4.ul2_prefix_lm"),
+                            ("prefix_lm", "t5g.c4.prefix_lm")]:
+      config = pipeline.InputConfig(name, UL2_LENGTHS, batch_size=2, split="validation",
+                                    shuffle=False, feature_converter=converter)
+      batch = next(pipeline.InputIterator(config, seqio.ShardInfo(0, 1)))
+      tokens = batch["decoder_target_tokens"]
+      assert tokens.shape[0] == 2 and (tokens[:, 0] > 0).all()

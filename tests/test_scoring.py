@@ -10,11 +10,9 @@ from t5g import cli
 from tests import hf_models
 
 
-@pytest.fixture(scope="module")
-def t5_checkpoint(hf_t5gemma_dir, tmp_path_factory):
-  ckpt = str(tmp_path_factory.mktemp("score") / "t5g")
-  assert cli.main(["import", f"--input={hf_t5gemma_dir}", f"--output={ckpt}"]) == 0
-  return ckpt
+@pytest.fixture
+def t5_checkpoint(hf_t5gemma_imported):
+  return hf_t5gemma_imported
 
 
 def _score(tmp_path, ckpt, records, *extra):

@@ -16,7 +16,8 @@ from t5g.train import gin_config, trainer  # noqa: F401  (registers t5g.train)
 EXPERIMENTS = sorted(os.path.relpath(p, gin_config.GIN_DIR) for p in
                      glob.glob(os.path.join(gin_config.GIN_DIR, "experiments", "*.gin"))
                      if not os.path.basename(p).startswith("_"))
-MODEL_FIRST = ("superglue_finetune.gin", "instruction_finetune.gin")  # take a model file first
+MODEL_FIRST = ("superglue_finetune.gin", "superglue_classification.gin",
+               "instruction_finetune.gin")  # take a model file first
 
 
 def _files(experiment: str) -> list[str]:

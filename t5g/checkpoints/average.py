@@ -14,8 +14,6 @@ from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
-from etils import epath
 
 from t5g.checkpoints import lazy, model_dir
 from t5g.model.config import ComputeConfig, config_from_json
@@ -39,9 +37,8 @@ def _nested(leaves: dict[Path, Any]) -> dict:
 class _GroupMean:
   """The float32 means of a group of arrays over `steps`, read together, each handed out once."""
 
-  def __init__(self, reader: ocp.PyTreeCheckpointHandler, checkpoint: str, steps: list[int],
-               shapes: dict[Path, tuple[int, ...]]):
-    self._reader, self._checkpoint, self._steps, self._shapes = reader, checkpoint, steps, shapes
+  def __init__(self, checkpoint: str, steps: list[int], shapes: dict[Path, tuple[int, ...]]):
+    self._checkpoint, self._steps, self._shapes = checkpoint, steps, shapes
     self._means: dict[Path, np.ndarray] | None = None
 
   def blocks(self, path: Path) -> Iterator[np.ndarray]:
@@ -52,26 +49,16 @@ class _GroupMean:
 
   def _read_means(self) -> dict[Path, np.ndarray]:
     totals = {path: np.zeros(shape, np.float32) for path, shape in self._shapes.items()}
-    args = ocp.args.PyTreeRestore(
-        _nested({p: jax.ShapeDtypeStruct(s, np.float32) for p, s in self._shapes.items()}),
-        restore_args=_nested({p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32)
-                              for p in self._shapes}), partial_restore=True)
+    leaves = {path: jax.ShapeDtypeStruct(shape, np.float32)
+              for path, shape in self._shapes.items()}
     for step in self._steps:
-      where = os.path.join(os.path.abspath(self._checkpoint), str(step), model_dir.PARAMS_ITEM)
-      try:
-        restored = self._reader.restore(epath.Path(where), args=args)
-      except Exception as e:  # TensorStore read errors (missing, truncated files) are bare.
-        raise ValueError(f"{where}: cannot read ({model_dir.short_error(e)})") from None
-      for path, total in totals.items():
-        value = restored
-        for key in path:
-          value = value[key]
-        total += value
+      where = os.path.join(self._checkpoint, str(step), model_dir.PARAMS_ITEM)
+      for path, value in model_dir.read_arrays(where, leaves).items():
+        totals[path] += value
     return {path: total / np.float32(len(self._steps)) for path, total in totals.items()}
 
 
-def _averaged_tree(reader: ocp.PyTreeCheckpointHandler, checkpoint: str, steps: list[int],
-                   abstract: dict) -> dict:
+def _averaged_tree(checkpoint: str, steps: list[int], abstract: dict) -> dict:
   """`abstract` with each leaf replaced by a LazyArray of its mean, in groups of GROUP_BYTES."""
   flat = [(tuple(k.key for k in keys), tuple(leaf.shape))
           for keys, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]]
@@ -86,7 +73,7 @@ def _averaged_tree(reader: ocp.PyTreeCheckpointHandler, checkpoint: str, steps: 
     group_bytes += size
   lazy_leaves = {}
   for shapes in groups:
-    group = _GroupMean(reader, checkpoint, steps, shapes)
+    group = _GroupMean(checkpoint, steps, shapes)
     for path, shape in shapes.items():
       lazy_leaves[path] = lazy.LazyArray(shape, np.dtype(np.float32),
                                          lambda group=group, path=path: group.blocks(path))
@@ -128,10 +115,9 @@ def average(checkpoint: str, last: int, output: str,
   scanned = newest["param_layout"] == "scanned"
   abstract = abstract_params(config, ComputeConfig(scan_layers=scanned))
   created = not os.path.exists(output)
-  reader = ocp.PyTreeCheckpointHandler()
   try:
-    model_dir.save(output, chosen[-1], _averaged_tree(reader, checkpoint, chosen, abstract),
-                   config, scanned)
+    model_dir.save(output, chosen[-1], _averaged_tree(checkpoint, chosen, abstract), config,
+                   scanned)
   except BaseException:
     # Nothing half-written: `output` was absent or empty, so all it holds is from this attempt.
     for name in os.listdir(output) if os.path.isdir(output) else []:
@@ -143,6 +129,4 @@ def average(checkpoint: str, last: int, output: str,
     if created and os.path.isdir(output):
       os.rmdir(output)
     raise
-  finally:
-    reader.close()
   return chosen

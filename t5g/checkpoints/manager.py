@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from t5g.checkpoints import model_dir
@@ -212,18 +213,26 @@ class TrainCheckpointManager:
       except _Unreadable as e:
         unreadable.append((candidate, e))
         continue
-      # The same targets restored an older step: the newer ones are damaged, not mismatched.
-      # They go aside so that the run can save their steps again.
-      for bad, error in unreadable:
-        aside = f"{self._step_dir(bad)}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(self._step_dir(bad), aside)
-        warnings.warn(f"{error}; resuming from step {candidate}, moved it to {aside}",
-                      stacklevel=2)
       if unreadable:
-        self._manager.reload()
+        self._move_aside(unreadable, candidate)
       return state
     raise ValueError(f"{self.directory}: no step could be restored: "
                      + "; ".join(str(error) for _, error in unreadable))
+
+  def _move_aside(self, unreadable: list[tuple[int, Exception]], restored: int) -> None:
+    """Renames damaged steps newer than `restored` so that the run can save those steps again.
+
+    The same targets restored an older step, so the newer ones are damaged, not mismatched.
+    Every host reaches the same verdict; process 0 renames and the others wait for it.
+    """
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    for bad, error in unreadable:
+      aside = f"{self._step_dir(bad)}.unreadable-{stamp}"
+      if jax.process_index() == 0:
+        os.rename(self._step_dir(bad), aside)
+      warnings.warn(f"{error}; resuming from step {restored}, moved it to {aside}", stacklevel=3)
+    multihost_utils.sync_global_devices(f"t5g: {self.directory}: unreadable steps moved aside")
+    self._manager.reload()
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))

@@ -133,6 +133,44 @@ def read_params(directory: str, step: int, abstract: Any) -> Any:
                        f"({short_error(e)})") from None
 
 
+def read_arrays(item_dir: str, leaves: dict[tuple[str, ...], jax.ShapeDtypeStruct]
+                ) -> dict[tuple[str, ...], np.ndarray]:
+  """Some arrays of the Orbax PyTree in `item_dir`, read alone (partial restore) as numpy.
+
+  leaves: stored key path -> shape and dtype to read as (None dtype: as stored). A missing or
+  unreadable array, or one of another shape, raises a ValueError naming the path.
+  """
+  def nested(value_of) -> dict:
+    tree: dict = {}
+    for path, leaf in leaves.items():
+      node = tree
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      node[path[-1]] = value_of(leaf)
+    return tree
+
+  args = ocp.args.PyTreeRestore(
+      nested(lambda leaf: leaf),
+      restore_args=nested(lambda leaf: ocp.RestoreArgs(restore_type=np.ndarray,
+                                                       dtype=leaf.dtype)),
+      partial_restore=True)
+  names = ", ".join("/".join(path) for path in leaves)
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(os.path.abspath(item_dir), args=args)
+  except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files.
+    raise ValueError(f"{item_dir}: cannot read {names} ({short_error(e)})") from None
+  arrays = {}
+  for path, leaf in leaves.items():
+    value = restored
+    for key in path:
+      value = value[key]
+    if tuple(value.shape) != tuple(leaf.shape):
+      raise ValueError(f"{item_dir}: {'/'.join(path)} has shape {tuple(value.shape)}, "
+                       f"expected {tuple(leaf.shape)}")
+    arrays[path] = np.asarray(value)
+  return arrays
+
+
 def short_error(error: BaseException) -> str:
   """'<type>: <first line>' of the error's root cause (TensorStore's names the array and file)."""
   while error.__cause__ is not None:

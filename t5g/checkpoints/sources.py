@@ -13,9 +13,7 @@ import abc
 import os
 from typing import Any, Iterable
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from t5g.checkpoints import model_dir
 from t5g.model import layout
@@ -65,12 +63,6 @@ class TreeSource(ParamSource):
     return np.asarray(layout.get(self.params, self.config, self.scanned, stack, layer, sub))
 
 
-def _nest(path: tuple[str, ...], value: Any) -> dict:
-  for key in reversed(path):
-    value = {key: value}
-  return value
-
-
 class ModelDirSource(ParamSource):
   """One step of a t5g checkpoint directory, restored one stored array at a time.
 
@@ -83,9 +75,6 @@ class ModelDirSource(ParamSource):
     self.config, self.scanned, self.step = model_dir.read_model(directory, step)
     self.where = os.path.join(directory, str(self.step), model_dir.PARAMS_ITEM)
     self._abstract = abstract_params(self.config, ComputeConfig(scan_layers=self.scanned))
-    self._manager = ocp.CheckpointManager(os.path.abspath(directory),
-                                          item_names=(model_dir.PARAMS_ITEM,))
-    self._item = model_dir.PARAMS_ITEM
     self._cached: tuple[tuple[str, ...], np.ndarray] | None = None
 
   def _read(self, path: tuple[str, ...]) -> np.ndarray:
@@ -94,21 +83,7 @@ class ModelDirSource(ParamSource):
       leaf = self._abstract
       for key in path:
         leaf = leaf[key]
-      target = _nest(path, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
-      restore_args = _nest(path, ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype))
-      try:
-        restored = self._manager.restore(self.step, args=ocp.args.Composite(**{
-            self._item: ocp.args.PyTreeRestore(target, restore_args=restore_args,
-                                               partial_restore=True)}))[self._item]
-      except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files.
-        raise ValueError(f"{self.where}: cannot read {'/'.join(path)} "
-                         f"({model_dir.short_error(e)})") from None
-      for key in path:
-        restored = restored[key]
-      if tuple(restored.shape) != tuple(leaf.shape):
-        raise ValueError(f"{self.where}: {'/'.join(path)} has shape {restored.shape}, the "
-                         f"saved config implies {leaf.shape}")
-      self._cached = (path, np.asarray(restored))
+      self._cached = (path, model_dir.read_arrays(self.where, {path: leaf})[path])
     return self._cached[1]
 
   def _stored_at(self, stack: str, layer: int | None, sub: Sub) -> tuple[tuple[str, ...], int]:
@@ -132,7 +107,6 @@ class ModelDirSource(ParamSource):
   def close(self) -> None:
     """See base class."""
     self._cached = None
-    self._manager.close()
 
 
 def materialize(source: ParamSource, scanned: bool) -> dict:

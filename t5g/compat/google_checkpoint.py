@@ -43,19 +43,9 @@ class StoredLeaf:
   dtype: np.dtype
 
   def __array__(self, dtype=None, copy=None) -> np.ndarray:
-    item = jax.ShapeDtypeStruct(self.shape, self.dtype)
-    arg = ocp.RestoreArgs(restore_type=np.ndarray)
-    for key in reversed(self.keys):
-      item, arg = {key: item}, {key: arg}
-    try:
-      restored = ocp.PyTreeCheckpointer().restore(self.path, args=ocp.args.PyTreeRestore(
-          item, restore_args=arg, partial_restore=True))
-    except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files.
-      raise ValueError(f"{self.path}: cannot read {'/'.join(self.keys)} "
-                       f"({model_dir.short_error(e)})") from None
-    for key in self.keys:
-      restored = restored[key]
-    return np.asarray(restored, dtype=dtype)
+    stored = jax.ShapeDtypeStruct(self.shape, self.dtype)
+    return np.asarray(model_dir.read_arrays(self.path, {self.keys: stored})[self.keys],
+                      dtype=dtype)
 
 
 def read_tree(path: str) -> dict:

@@ -24,7 +24,7 @@ Targets: each noise span after its sentinel. Span j uses sentinel j mod (number 
 (at most L - 1) last tokens in the targets and the rest, after its mode token, in the inputs.
 
 Short documents give short examples, whose few spans cannot follow μ; as T5 and UL2 do, join
-short documents first (`prefix_lm.concatenate_documents`).
+short documents first (`prefix_lm.concatenate_documents`, as the C4 and file tasks do).
 
 Randomness comes only from seqio's seed (`seqio.map_seed_manager`, which
 `Task.get_dataset(seed=...)` sets), so a seeded pipeline gives the same examples every time.

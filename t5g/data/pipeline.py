@@ -28,13 +28,14 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from t5g.data import feature_converters, finetune_tasks  # noqa: F401  (registers the tasks)
+from t5g.data import classification_tasks, feature_converters, finetune_tasks  # noqa: F401
 from t5g.data.tasks import get_task_or_mixture
 
 FEATURE_CONVERTERS = {
     "encoder_decoder": feature_converters.EncDecFeatureConverter,
     "lm": feature_converters.LMFeatureConverter,
     "prefix_lm": feature_converters.PrefixLMFeatureConverter,
+    "classification": classification_tasks.ClassificationFeatureConverter,  # never packs
 }
 STATE_VERSION = 1
 
@@ -46,7 +47,8 @@ class InputConfig:
   mixture_or_task_name: a registered seqio task or mixture (see `t5g.data.tasks`).
   task_feature_lengths: e.g. {"inputs": 8192, "targets": 8192}.
   batch_size: rows per host per step (the global batch divided by the number of hosts).
-  feature_converter: "encoder_decoder" (T5Gemma), "lm" or "prefix_lm" (decoder-only Gemma 2).
+  feature_converter: "encoder_decoder" (T5Gemma), "lm" or "prefix_lm" (decoder-only Gemma 2),
+    "classification" (the encoder-only classifier; `pack` must be False).
   num_epochs: None repeats forever (training); 1 reads the split once.
   """
 
@@ -89,17 +91,16 @@ def make_dataset(config: InputConfig, shard_info: seqio.ShardInfo,
   """
   _check_shard(shard_info)
   converter = FEATURE_CONVERTERS[config.feature_converter](pack=config.pack)
-  dataset = seqio.get_dataset(
-      get_task_or_mixture(config.mixture_or_task_name),
-      task_feature_lengths=dict(config.task_feature_lengths),
-      feature_converter=converter,
-      dataset_split=config.split,
-      shuffle=config.shuffle,
-      num_epochs=config.num_epochs,
-      shard_info=shard_info,
-      seed=config.seed,
-      batch_size=config.batch_size,
-      verbose=False)
+  lengths = dict(config.task_feature_lengths)
+  # What seqio.get_dataset does, without its in-memory cache of small sources: that cache needs
+  # the source's size, which TFDS mock data does not know, and training sources are large.
+  # One host reads everything: no shard, so seqio need not list the source's files either.
+  dataset = get_task_or_mixture(config.mixture_or_task_name).get_dataset(
+      lengths, split=config.split, shuffle=config.shuffle, num_epochs=config.num_epochs,
+      shard_info=shard_info if shard_info.num_shards > 1 else None, seed=config.seed,
+      try_in_mem_cache=False)
+  dataset = converter(dataset, task_feature_lengths=lengths).batch(config.batch_size,
+                                                                   drop_remainder=True)
   if batches_to_skip:
     dataset = dataset.skip(batches_to_skip)
   options = tf.data.Options()

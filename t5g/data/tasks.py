@@ -15,6 +15,12 @@ objectives 1:1. Lengths are chosen when the dataset is built (`task_feature_leng
 papers' defaults are `UL2_FEATURE_LENGTHS` and `PREFIX_LM_FEATURE_LENGTHS`. UL2 uses the
 `t5g.data.denoisers` mixture given (default `UL2_PAPER`); PrefixLM splits chunks in halves.
 
+Documents: C4 and user files join each run of `DOCUMENTS_PER_EXAMPLE` (128, T5's
+`reduce_concat_tokens` default) consecutive tokenised documents into one stream before the
+objective cuts it into chunks, so that the long denoisers (μ = 32, 64 at 8192 tokens) see
+sequences as long as they need instead of one short web page each. The embedded corpus's
+documents are whole pydoc topics and are not joined.
+
 Format: targets end with EOS; inputs get neither BOS nor EOS, as in Google's T5Gemma sampler,
 so a PrefixLM example's `inputs + targets` is contiguous text (what a Gemma 2 teacher reads for
 distillation). A PrefixLM chunk of one token (a document's last) has no input and is dropped.
@@ -38,7 +44,7 @@ import tensorflow as tf
 
 from t5g.data import embedded_corpus
 from t5g.data.denoisers import UL2_PAPER, Denoiser, ul2_objective
-from t5g.data.prefix_lm import prefix_lm
+from t5g.data.prefix_lm import concatenate_documents, prefix_lm
 from t5g.data.vocabulary import get_vocabulary
 
 PREFIX = "t5g."
@@ -49,6 +55,7 @@ UL2_FEATURE_LENGTHS = {"inputs": 8192, "targets": 8192}
 PREFIX_LM_FEATURE_LENGTHS = {"inputs": 4096, "targets": 4096}
 FILE_FORMATS = ("text", "jsonl", "tfrecord")
 EMBEDDED_VALIDATION_EVERY = 10  # every 10th embedded document is in the validation split
+DOCUMENTS_PER_EXAMPLE = 128  # C4 and user files: documents joined before the objective
 SHUFFLE_BUFFER_SIZE = 1000  # seqio's default: examples shuffled after preprocessing
 # The embedded corpus makes a few hundred examples per epoch at UL2 lengths of 512: a buffer of
 # 1000 would read it three times before the first example. Its documents are shuffled first.
@@ -93,14 +100,20 @@ def _drop_empty_inputs(dataset: tf.data.Dataset) -> tf.data.Dataset:
   return dataset.filter(lambda example: tf.size(example["inputs"]) > 0)
 
 
-def _objective_preprocessors(objective: str,
-                             denoisers: Sequence[tuple[Denoiser, float]]) -> list[Callable]:
-  """Tokenised `targets` text -> the objective's `inputs`/`targets`, targets EOS-terminated."""
-  tokenize = functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)
+def _objective_preprocessors(objective: str, denoisers: Sequence[tuple[Denoiser, float]],
+                             documents_per_example: int) -> list[Callable]:
+  """Document text under `targets` -> the objective's `inputs`/`targets`, targets EOS-terminated.
+
+  The text is tokenised and, with `documents_per_example` > 1, runs of documents are joined.
+  """
+  steps = [functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False)]
+  if documents_per_example > 1:
+    steps.append(functools.partial(concatenate_documents,
+                                   documents_per_example=documents_per_example))
   if objective == "ul2":  # UL2 inputs always hold the mode token: nothing to drop.
-    return [tokenize, functools.partial(ul2_objective, denoisers=denoisers),
+    return [*steps, functools.partial(ul2_objective, denoisers=denoisers),
             seqio.preprocessors.append_eos_after_trim]
-  return [tokenize, functools.partial(prefix_lm, split="half"), _drop_empty_inputs,
+  return [*steps, functools.partial(prefix_lm, split="half"), _drop_empty_inputs,
           seqio.preprocessors.append_eos_after_trim]
 
 
@@ -108,12 +121,16 @@ def register_pretraining_tasks(prefix: str, source: seqio.DataSource, text_key: 
                                vocabulary_path: str | None = None,
                                denoisers: Sequence[tuple[Denoiser, float]] = UL2_PAPER,
                                source_preprocessors: Sequence[Callable] = (),
-                               shuffle_buffer_size: int = SHUFFLE_BUFFER_SIZE) -> list[str]:
+                               shuffle_buffer_size: int = SHUFFLE_BUFFER_SIZE,
+                               documents_per_example: int = DOCUMENTS_PER_EXAMPLE) -> list[str]:
   """Registers `<prefix>.ul2`, `<prefix>.prefix_lm` and the mixture `<prefix>.ul2_prefix_lm`.
 
   source yields examples with the document text under `text_key` (after
-  `source_preprocessors`). Returns the registered names.
+  `source_preprocessors`); runs of `documents_per_example` documents are joined before the
+  objective (1: each document alone). Returns the registered names.
   """
+  if documents_per_example < 1:
+    raise ValueError(f"documents_per_example must be >= 1, got {documents_per_example}")
   features = text_features(vocabulary_path)
   rename = functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key})
   task_names = []
@@ -121,7 +138,8 @@ def register_pretraining_tasks(prefix: str, source: seqio.DataSource, text_key: 
     task_name = f"{prefix}.{objective}"
     register_task(task_name, source=source, output_features=features,
                   preprocessors=[*source_preprocessors, rename,
-                                 *_objective_preprocessors(objective, denoisers)],
+                                 *_objective_preprocessors(objective, denoisers,
+                                                           documents_per_example)],
                   shuffle_buffer_size=shuffle_buffer_size)
     task_names.append(task_name)
   register_mixture(f"{prefix}.{MIXTURE_SUFFIX}", task_names)
@@ -129,10 +147,12 @@ def register_pretraining_tasks(prefix: str, source: seqio.DataSource, text_key: 
 
 
 def register_c4_tasks(vocabulary_path: str | None = None,
-                      denoisers: Sequence[tuple[Denoiser, float]] = UL2_PAPER) -> list[str]:
+                      denoisers: Sequence[tuple[Denoiser, float]] = UL2_PAPER,
+                      documents_per_example: int = DOCUMENTS_PER_EXAMPLE) -> list[str]:
   """UL2 / PrefixLM over TFDS C4 (`train` and `validation`); needs prepared TFDS data."""
   source = seqio.TfdsDataSource(tfds_name=C4_TFDS_NAME, splits=("train", "validation"))
-  return register_pretraining_tasks(f"{PREFIX}c4", source, "text", vocabulary_path, denoisers)
+  return register_pretraining_tasks(f"{PREFIX}c4", source, "text", vocabulary_path, denoisers,
+                                    documents_per_example=documents_per_example)
 
 
 def embedded_documents(split: str) -> list[str]:
@@ -158,7 +178,8 @@ def register_embedded_tasks(vocabulary_path: str | None = None,
       num_input_examples={split: len(embedded_documents(split))
                           for split in ("train", "validation")})
   return register_pretraining_tasks(f"{PREFIX}embedded", source, "text", vocabulary_path,
-                                    denoisers, shuffle_buffer_size=EMBEDDED_SHUFFLE_BUFFER_SIZE)
+                                    denoisers, shuffle_buffer_size=EMBEDDED_SHUFFLE_BUFFER_SIZE,
+                                    documents_per_example=1)
 
 
 def _first_line(path: str) -> str:
@@ -203,6 +224,23 @@ def parse_jsonl(keys: Sequence[str]) -> Callable[[tf.data.Dataset], tf.data.Data
   return preprocess
 
 
+def user_split_files(name: str, files: str | Sequence[str] | Mapping[str, str | Sequence[str]],
+                     jsonl_keys: Sequence[str] = ()) -> dict[str, list[str]]:
+  """split -> files of the user's task `name`, checked before anything is registered.
+
+  files: glob pattern(s) for the `train` split, or a mapping split -> pattern(s). Raises on a
+  name under t5g's reserved prefix, a pattern matching nothing, an empty file, and (with
+  `jsonl_keys`) a first jsonl record without one of those string fields.
+  """
+  if name.startswith(PREFIX):
+    raise ValueError(f"task names starting with {PREFIX!r} are reserved for t5g's own tasks")
+  split_patterns = files if isinstance(files, Mapping) else {"train": files}
+  split_files = {split: check_files(patterns) for split, patterns in split_patterns.items()}
+  if jsonl_keys:
+    check_jsonl_files([path for paths in split_files.values() for path in paths], jsonl_keys)
+  return split_files
+
+
 def _line_to_text(key: str) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
   return lambda dataset: dataset.map(lambda line: {key: line})
 
@@ -210,32 +248,29 @@ def _line_to_text(key: str) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
 def register_text_tasks(name: str, files: str | Sequence[str] | Mapping[str, str | Sequence[str]],
                         format: str = "text", text_key: str = "text",  # noqa: A002
                         vocabulary_path: str | None = None,
-                        denoisers: Sequence[tuple[Denoiser, float]] = UL2_PAPER) -> list[str]:
+                        denoisers: Sequence[tuple[Denoiser, float]] = UL2_PAPER,
+                        documents_per_example: int = DOCUMENTS_PER_EXAMPLE) -> list[str]:
   """Registers UL2 and PrefixLM tasks (and their mixture) over the user's own files.
 
   files: glob pattern(s) for the `train` split, or a mapping split -> pattern(s).
   format: "text" (one document per line), "jsonl" (one JSON object per line, text under
   `text_key`) or "tfrecord" (tf.train.Example with a bytes feature `text_key`).
+  documents_per_example: consecutive documents joined into one stream before the objective.
   Registers `<name>.ul2`, `<name>.prefix_lm`, `<name>.ul2_prefix_lm`; returns these names.
   Missing or empty files, and a first jsonl record without `text_key`, raise here.
   """
-  if name.startswith(PREFIX):
-    raise ValueError(f"task names starting with {PREFIX!r} are reserved for t5g's own tasks")
   if format not in FILE_FORMATS:
     raise ValueError(f"unknown format {format!r}; choose one of {FILE_FORMATS}")
-  split_patterns = files if isinstance(files, Mapping) else {"train": files}
-  split_files = {split: check_files(patterns) for split, patterns in split_patterns.items()}
+  split_files = user_split_files(name, files, [text_key] if format == "jsonl" else ())
   if format == "tfrecord":
     source = seqio.TFExampleDataSource(
         split_files, feature_description={text_key: tf.io.FixedLenFeature([], tf.string)})
-    return register_pretraining_tasks(name, source, text_key, vocabulary_path, denoisers)
-  if format == "jsonl":
-    check_jsonl_files([path for paths in split_files.values() for path in paths], [text_key])
-    parse = parse_jsonl([text_key])
-  else:
-    parse = _line_to_text(text_key)
+    return register_pretraining_tasks(name, source, text_key, vocabulary_path, denoisers,
+                                      documents_per_example=documents_per_example)
+  parse = parse_jsonl([text_key]) if format == "jsonl" else _line_to_text(text_key)
   return register_pretraining_tasks(name, seqio.TextLineDataSource(split_files), text_key,
-                                    vocabulary_path, denoisers, source_preprocessors=[parse])
+                                    vocabulary_path, denoisers, source_preprocessors=[parse],
+                                    documents_per_example=documents_per_example)
 
 
 def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:

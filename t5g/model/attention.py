@@ -3,6 +3,15 @@
 Queries are scaled by `query_pre_attn_scalar ** -0.5`; logits are soft-capped (tanh) before the
 mask is applied; the softmax runs in float32. Cross-attention keys/values read the encoder's
 width (`kv_dim`), which may differ from the decoder's.
+
+Decoding (`cache_length > 0`) keeps keys and values in the `cache` collection. Self-attention
+appends each call's keys/values at slot `index` of a [B, cache_length, K, H] buffer and attends
+over all slots; the caller's mask (t5g/model/masks.py `CacheSlots`) hides empty slots and,
+in local layers, keys outside the window. The cache is full-length, not a ring buffer of W
+slots: generated sequences are far shorter than the window (4096 in every preset), where a ring
+would save nothing, and full slots keep the step's numbers those of the teacher-forced forward
+(same keys, same mask). Cross-attention computes the encoder's keys/values once, on the call that
+passes `kv_input`, and reads them back when `kv_input` is None.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ class Attention(nn.Module):
   """Multi-head attention with `num_kv_heads` shared key/value heads.
 
   use_rope: rotate queries and keys by their positions (self-attention only).
-  kv_dim: width of the key/value input (None: same as the query input).
+  kv_dim: width of the key/value input (None: same as the query input); set for cross-attention.
+  cache_length: 0 for a teacher-forced forward; > 0 decodes with a cache (module docstring).
   """
 
   config: StackConfig
@@ -39,16 +49,22 @@ class Attention(nn.Module):
   kv_dim: int | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  cache_length: int = 0
 
   @nn.compact
-  def __call__(self, x: Array, kv_input: Array, mask: Array, q_positions: Array | None = None,
-               kv_positions: Array | None = None) -> Array:
-    """x [B, T, D], kv_input [B, S, Dkv], mask bool [B, T, S] -> [B, T, D]."""
+  def __call__(self, x: Array, kv_input: Array | None, mask: Array,
+               q_positions: Array | None = None, kv_positions: Array | None = None) -> Array:
+    """x [B, T, D], kv_input [B, S, Dkv], mask bool [B, T, S] -> [B, T, D].
+
+    Decoding: self-attention's mask is over the cache slots [B, T, cache_length]; cross-attention
+    takes kv_input None once its keys/values are cached.
+    """
     cfg = self.config
-    d, kv_d = x.shape[-1], kv_input.shape[-1]
+    d = x.shape[-1]
+    kv_d = d if self.kv_dim is None else self.kv_dim
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    if self.kv_dim is not None and kv_d != self.kv_dim:
-      raise ValueError(f"key/value input width {kv_d} != expected kv_dim {self.kv_dim}")
+    if kv_input is not None and kv_input.shape[-1] != kv_d:
+      raise ValueError(f"key/value input width {kv_input.shape[-1]} != expected kv_dim {kv_d}")
     q_w = logical_param(self, "q_proj", kernel_init((0,), (1, 2)), (d, n, h),
                         ("embed", "heads", "head_dim"), self.param_dtype)
     k_w = logical_param(self, "k_proj", kernel_init((0,), (1, 2)), (kv_d, k, h),
@@ -58,15 +74,20 @@ class Attention(nn.Module):
     o_w = logical_param(self, "o_proj", kernel_init((0, 1), (2,)), (n, h, d),
                         ("heads", "head_dim", "embed"), self.param_dtype)
 
-    x, kv_input = x.astype(self.dtype), kv_input.astype(self.dtype)
+    x = x.astype(self.dtype)
     q = jnp.einsum("btd,dnh->btnh", x, q_w.astype(self.dtype))
-    key = jnp.einsum("bsd,dkh->bskh", kv_input, k_w.astype(self.dtype))
-    value = jnp.einsum("bsd,dkh->bskh", kv_input, v_w.astype(self.dtype))
+    key = value = None
+    if kv_input is not None:
+      kv_input = kv_input.astype(self.dtype)
+      key = jnp.einsum("bsd,dkh->bskh", kv_input, k_w.astype(self.dtype))
+      value = jnp.einsum("bsd,dkh->bskh", kv_input, v_w.astype(self.dtype))
     if self.use_rope:
       q = apply_rope(q, q_positions, cfg.rope_base)
       key = apply_rope(key, kv_positions, cfg.rope_base)
     q = constrain(q * jnp.asarray(cfg.query_scale, self.dtype),
                   ("batch", "length", "heads", "head_dim"))
+    if self.cache_length:
+      key, value = self._cached(key, value)
     key = constrain(key, ("batch", "length", "kv_heads", "head_dim"))
     value = constrain(value, ("batch", "length", "kv_heads", "head_dim"))
 
@@ -82,3 +103,27 @@ class Attention(nn.Module):
     encoded = jnp.where(mask.any(axis=-1)[:, :, None, None], encoded, 0)
     encoded = constrain(encoded, ("batch", "length", "heads", "head_dim"))
     return jnp.einsum("btnh,nhd->btd", encoded, o_w.astype(self.dtype))
+
+  def _cached(self, key: Array | None, value: Array | None) -> tuple[Array, Array]:
+    """Decoding: (keys, values) to attend over, [B, S, K, H], from the `cache` collection.
+
+    Self-attention writes this call's [B, T, K, H] at slot `index` of the cache_length slots
+    and advances `index` by T. Cross-attention stores the encoder's keys/values when given
+    (None: reads them back).
+    """
+    if self.kv_dim is not None:
+      cached_key = self.variable("cache", "key", lambda: key)
+      cached_value = self.variable("cache", "value", lambda: value)
+      if key is not None:
+        cached_key.value, cached_value.value = key, value
+      return cached_key.value, cached_value.value
+    b, t, k, h = key.shape
+    shape = (b, self.cache_length, k, h)
+    cached_key = self.variable("cache", "key", jnp.zeros, shape, key.dtype)
+    cached_value = self.variable("cache", "value", jnp.zeros, shape, value.dtype)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    start = (0, index.value, 0, 0)
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
+    index.value = index.value + t
+    return cached_key.value, cached_value.value

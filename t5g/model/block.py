@@ -18,11 +18,13 @@ Array = jax.Array
 
 
 class Block(nn.Module):
-  """A transformer layer. cross_kv_dim: encoder width for cross-attention, None for none."""
+  """A transformer layer. cross_kv_dim: encoder width for cross-attention, None for none.
+  cache_length: > 0 to decode with a KV cache (t5g/model/attention.py)."""
 
   config: StackConfig
   compute: ComputeConfig
   cross_kv_dim: int | None = None
+  cache_length: int = 0
 
   def _norm(self, name: str) -> RMSNorm:
     return RMSNorm(self.config.rms_norm_eps, dtype=self.compute.dtype,
@@ -32,15 +34,18 @@ class Block(nn.Module):
   def __call__(self, x: Array, positions: Array, self_mask: Array, encoded: Array | None = None,
                cross_mask: Array | None = None) -> Array:
     """x [B, T, D], positions [B, T], self_mask [B, T, T], encoded [B, S, De], cross_mask
-    [B, T, S] -> [B, T, D]."""
+    [B, T, S] -> [B, T, D]. Decoding: self_mask is [B, T, cache_length] and encoded is None once
+    the cross-attention keys/values are cached."""
     cfg, dtypes = self.config, dict(dtype=self.compute.dtype, param_dtype=self.compute.param_dtype)
+    attention = dict(cache_length=self.cache_length, **dtypes)
     h = self._norm("pre_attention_norm")(x)
-    h = Attention(cfg, use_rope=True, name="attn", **dtypes)(h, h, self_mask, positions, positions)
+    h = Attention(cfg, use_rope=True, name="attn", **attention)(h, h, self_mask, positions,
+                                                                 positions)
     x = x + checkpoint_name(self._norm("post_attention_norm")(h), "attn_out")
     if self.cross_kv_dim is not None:
       h = self._norm("pre_cross_attention_norm")(x)
       h = Attention(cfg, use_rope=False, kv_dim=self.cross_kv_dim, name="cross_attn",
-                    **dtypes)(h, encoded, cross_mask)
+                    **attention)(h, encoded, cross_mask)
       x = x + checkpoint_name(self._norm("post_cross_attention_norm")(h), "cross_attn_out")
     h = self._norm("pre_ffw_norm")(x)
     h = GeGLU(cfg.hidden_dim, name="mlp", **dtypes)(h)
@@ -54,15 +59,15 @@ class LayerPair(nn.Module):
   config: StackConfig
   compute: ComputeConfig
   cross_kv_dim: int | None = None
+  cache_length: int = 0
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, local_mask: Array, global_mask: Array,
                encoded: Array | None, cross_mask: Array | None) -> tuple[Array, None]:
     block = remat(Block, self.compute)
-    x = block(self.config, self.compute, self.cross_kv_dim, name="local")(
-        x, positions, local_mask, encoded, cross_mask)
-    x = block(self.config, self.compute, self.cross_kv_dim, name="global")(
-        x, positions, global_mask, encoded, cross_mask)
+    args = (self.config, self.compute, self.cross_kv_dim, self.cache_length)
+    x = block(*args, name="local")(x, positions, local_mask, encoded, cross_mask)
+    x = block(*args, name="global")(x, positions, global_mask, encoded, cross_mask)
     return x, None
 
 

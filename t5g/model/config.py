@@ -2,6 +2,7 @@
 
 `StackConfig` describes one Gemma 2 transformer stack. A decoder-only Gemma 2 is one stack; a
 T5Gemma encoder-decoder (`EncoderDecoderConfig`) is two, whose sizes may differ (e.g. 9B-2B).
+`ClassifierConfig` is a T5Gemma encoder with a classification head (`t5g.model.classifier`).
 `ComputeConfig` holds what does not change the function the model computes: dtypes, scan over
 layers, rematerialisation. Only the architecture is written into checkpoints.
 """
@@ -100,11 +101,31 @@ class EncoderDecoderConfig:
     return {"encoder": self.encoder.to_dict(), "decoder": self.decoder.to_dict()}
 
 
-ModelConfig = StackConfig | EncoderDecoderConfig
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+  """An encoder-only classifier: a T5Gemma encoder stack and a linear head over `num_classes`
+  on the last non-padding token's final-normed state."""
+
+  encoder: StackConfig
+  num_classes: int
+
+  def __post_init__(self):
+    if not isinstance(self.num_classes, int) or self.num_classes < 2:
+      raise ValueError(f"ClassifierConfig.num_classes must be an int >= 2, got "
+                       f"{self.num_classes!r}")
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"encoder": self.encoder.to_dict(), "num_classes": self.num_classes}
+
+
+ModelConfig = StackConfig | EncoderDecoderConfig | ClassifierConfig
 
 
 def model_type(config: ModelConfig) -> str:
-  """'gemma2' for a decoder-only stack, 't5gemma' for an encoder-decoder."""
+  """'gemma2' for a decoder-only stack, 't5gemma' for an encoder-decoder, 't5gemma_classifier'
+  for an encoder with a classification head."""
+  if isinstance(config, ClassifierConfig):
+    return "t5gemma_classifier"
   return "t5gemma" if isinstance(config, EncoderDecoderConfig) else "gemma2"
 
 
@@ -126,7 +147,14 @@ def config_from_json(d: Mapping[str, Any], where: str = "config") -> ModelConfig
                        f"got {sorted(d)}")
     return EncoderDecoderConfig(StackConfig.from_dict(d["encoder"], f"{where}: encoder"),
                                 StackConfig.from_dict(d["decoder"], f"{where}: decoder"))
-  raise ValueError(f"{where}: model_type must be 'gemma2' or 't5gemma', got {kind!r}")
+  if kind == "t5gemma_classifier":
+    if set(d) != {"encoder", "num_classes"}:
+      raise ValueError(f"{where}: a t5gemma_classifier config has exactly the keys 'encoder' and "
+                       f"'num_classes', got {sorted(d)}")
+    return ClassifierConfig(StackConfig.from_dict(d["encoder"], f"{where}: encoder"),
+                            d["num_classes"])
+  raise ValueError(f"{where}: model_type must be 'gemma2', 't5gemma' or 't5gemma_classifier', "
+                   f"got {kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,11 +3,14 @@
 Segment id 0 marks padding; tokens attend only within their own segment. Positions restart at
 0 at every segment start, so a packed row computes exactly what its examples compute alone.
 Local windows follow Google's reference: causal `0 <= q - kv < W` in decoders, two-sided
-`|q - kv| < W` in the bidirectional encoder.
+`|q - kv| < W` in the bidirectional encoder. When decoding with a KV cache, `CacheSlots` keeps
+the segment id and position of every cache slot, so the same `attention_mask` gives the step's
+[B, T, cache_length] mask (empty slots have segment 0, like padding).
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -52,3 +55,28 @@ def attention_mask(q_segments: Array, kv_segments: Array, q_positions: Array,
   if window is not None:
     mask &= (distance < window) if causal else (jnp.abs(distance) < window)
   return mask
+
+
+class CacheSlots(nn.Module):
+  """Decoding: segment ids and positions of the `length` cache slots, in the `cache` collection.
+
+  Each call writes its tokens' [B, T] segment ids and positions at slot `index` (as the
+  attention layers write their keys/values) and returns those of all slots, [B, length] each.
+  """
+
+  length: int
+
+  @nn.compact
+  def __call__(self, segment_ids: Array, positions: Array) -> tuple[Array, Array]:
+    """segment_ids, positions [B, T] -> the slots' segment ids, positions [B, length]."""
+    shape = (segment_ids.shape[0], self.length)
+    slot_segments = self.variable("cache", "segment_ids", jnp.zeros, shape, jnp.int32)
+    slot_positions = self.variable("cache", "positions", jnp.zeros, shape, jnp.int32)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    start = (0, index.value)
+    slot_segments.value = jax.lax.dynamic_update_slice(
+        slot_segments.value, segment_ids.astype(jnp.int32), start)
+    slot_positions.value = jax.lax.dynamic_update_slice(
+        slot_positions.value, positions.astype(jnp.int32), start)
+    index.value = index.value + segment_ids.shape[1]
+    return slot_segments.value, slot_positions.value

@@ -3,6 +3,11 @@
 Inputs follow seqio's feature names. Segment ids default to `tokens != 0` (one example per row,
 padding 0) and positions restart at 0 in every segment. The T5Gemma decoder input starts with
 BOS (id 2).
+
+Decoding: a model made with `cache_length > 0` keeps a KV cache in the `cache` collection
+(`apply(..., mutable=["cache"])`); `step` appends tokens to it and returns the next-token
+logits. The first `step` creates the cache (and, for T5Gemma, stores the cross-attention
+keys/values of `encoded`); later steps pass the returned cache and `encoded=None`.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ class Gemma2(nn.Module):
 
   config: StackConfig
   compute: ComputeConfig = ComputeConfig()
+  cache_length: int = 0
 
   def setup(self):
-    self.transformer = Stack(self.config, self.compute, causal=True)
+    self.transformer = Stack(self.config, self.compute, causal=True,
+                             cache_length=self.cache_length)
 
   def __call__(self, decoder_input_tokens: Array, decoder_segment_ids: Array | None = None,
                decoder_positions: Array | None = None) -> Array:
@@ -45,18 +52,25 @@ class Gemma2(nn.Module):
     hidden = self.transformer(decoder_input_tokens, segments, positions)
     return self.transformer.logits(hidden)
 
+  def step(self, tokens: Array, segment_ids: Array, positions: Array) -> Array:
+    """Decoding: appends tokens [B, T] (segment ids and positions [B, T]) to the cache;
+    float32 logits [B, V] of the next token after the last column."""
+    hidden = self.transformer(tokens, segment_ids, positions)
+    return self.transformer.logits(hidden[:, -1:])[:, 0]
+
 
 class T5Gemma(nn.Module):
   """Encoder-decoder: bidirectional `encoder`, causal `decoder` with cross-attention."""
 
   config: EncoderDecoderConfig
   compute: ComputeConfig = ComputeConfig()
+  cache_length: int = 0
 
   def setup(self):
     cfg = self.config
     self.encoder = Stack(cfg.encoder, self.compute, causal=False)
     self.decoder = Stack(cfg.decoder, self.compute, causal=True,
-                         cross_kv_dim=cfg.encoder.embed_dim)
+                         cross_kv_dim=cfg.encoder.embed_dim, cache_length=self.cache_length)
 
   def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
              encoder_positions: Array | None = None) -> Array:
@@ -75,6 +89,14 @@ class T5Gemma(nn.Module):
                           encoder_segment_ids)
     return self.decoder.logits(hidden)
 
+  def step(self, encoded: Array | None, encoder_segment_ids: Array, tokens: Array,
+           segment_ids: Array, positions: Array) -> Array:
+    """Decoding: appends decoder tokens [B, T] (segment ids and positions [B, T]) to the cache;
+    float32 logits [B, V] of the next token after the last column. encoded [B, S, De]: the
+    encoder states on the first step, None after (their keys/values are cached)."""
+    hidden = self.decoder(tokens, segment_ids, positions, encoded, encoder_segment_ids)
+    return self.decoder.logits(hidden[:, -1:])[:, 0]
+
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                encoder_segment_ids: Array | None = None, decoder_segment_ids: Array | None = None,
                encoder_positions: Array | None = None,
@@ -87,11 +109,13 @@ class T5Gemma(nn.Module):
                        decoder_positions)
 
 
-def make_model(config: ModelConfig, compute: ComputeConfig = ComputeConfig()) -> nn.Module:
-  """The Flax module for `config`: `T5Gemma` for an encoder-decoder, else `Gemma2`."""
+def make_model(config: ModelConfig, compute: ComputeConfig = ComputeConfig(),
+               cache_length: int = 0) -> nn.Module:
+  """The Flax module for `config`: `T5Gemma` for an encoder-decoder, else `Gemma2`.
+  cache_length: > 0 for a decoding model with a KV cache of that many slots."""
   if isinstance(config, EncoderDecoderConfig):
-    return T5Gemma(config, compute)
-  return Gemma2(config, compute)
+    return T5Gemma(config, compute, cache_length)
+  return Gemma2(config, compute, cache_length)
 
 
 def dummy_inputs(config: ModelConfig) -> tuple[Array, ...]:

@@ -1,31 +1,163 @@
 """Joining several processes into one JAX runtime (`jax.distributed`), on TPU, GPU or CPU.
 
-On TPU pods and under Slurm, `jax.distributed.initialize()` finds the coordinator, the number of
-processes and this process's id itself; elsewhere (local processes, a plain cluster) they are
-given explicitly. CPU processes exchange data through gloo collectives.
+`detect` decides, from the command-line flags and an environment mapping, how this process
+joins (and says why); `initialize` does it. In order:
+
+1. `--coordinator_address --num_processes --process_id`: explicit (all three or none).
+2. `--distributed`: `jax.distributed.initialize()` detects everything itself (TPU pods, from the
+   TPU metadata, multi-slice included through the MEGASCALE_* variables; Slurm; Open MPI).
+3. `T5G_COORDINATOR_ADDRESS`, `T5G_NUM_PROCESSES`, `T5G_PROCESS_ID`: set by `launch/local.py`
+   (all three or none).
+4. A Slurm step with several tasks (`srun`, `launch/slurm_gpu.sbatch`): the coordinator is the
+   step's first node, at port `T5G_COORDINATOR_PORT` or one derived from the job id (as JAX
+   does); one process per task (`SLURM_STEP_NUM_TASKS`, `SLURM_PROCID`). A task that sees
+   several GPUs uses GPU number `SLURM_LOCALID` of them.
+5. Otherwise a single process: nothing to initialise.
+
+Inconsistent settings (some of a group, two explicit sources, an id out of range) are a
+ValueError naming them. CPU processes exchange data through gloo collectives.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import os
+import re
+from typing import Mapping, Sequence
+
 import jax
+
+ENV_COORDINATOR = "T5G_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "T5G_NUM_PROCESSES"
+ENV_PROCESS_ID = "T5G_PROCESS_ID"
+ENV_PORT = "T5G_COORDINATOR_PORT"
+LAUNCHER_VARIABLES = (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)
+SLURM_STEP_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_STEP_NUM_TASKS",
+                        "SLURM_PROCID", "SLURM_LOCALID")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How this process joins: mode 'single' (alone), 'explicit' (the fields below) or 'auto'
+  (`jax.distributed.initialize()` detects them); `reason` says where it came from."""
+
+  mode: str
+  reason: str
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  local_device_ids: tuple[int, ...] | None = None
+
+
+def _int(value: str, name: str) -> int:
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"{name}={value!r}: expected an integer") from None
+
+
+def _checked(plan: Plan) -> Plan:
+  """`plan` after checking its process count, id and coordinator address."""
+  if plan.mode != "explicit":
+    return plan
+  if plan.num_processes < 1:
+    raise ValueError(f"{plan.reason}: num_processes={plan.num_processes} must be >= 1")
+  if not 0 <= plan.process_id < plan.num_processes:
+    raise ValueError(f"{plan.reason}: process_id={plan.process_id} is not in "
+                     f"[0, {plan.num_processes})")
+  if not re.fullmatch(r"[^\s:]+:\d+|\[[0-9a-fA-F:]+\]:\d+", plan.coordinator_address):
+    raise ValueError(f"{plan.reason}: coordinator address {plan.coordinator_address!r} is "
+                     "not HOST:PORT")
+  return plan
+
+
+def first_slurm_host(node_list: str) -> str:
+  """The first host of a Slurm node list: 'a[003-005,9],b' -> 'a003'."""
+  match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", node_list.strip())
+  if match is None:
+    raise ValueError(f"SLURM_STEP_NODELIST={node_list!r}: not a Slurm node list")
+  prefix, ranges = match.groups()
+  if ranges is None:
+    return prefix
+  return prefix + re.split(r"[,-]", ranges)[0]
+
+
+def _slurm(env: Mapping[str, str]) -> Plan | None:
+  """The plan of a Slurm step with several tasks; None outside one."""
+  present = [name for name in SLURM_STEP_VARIABLES if name in env]
+  if "SLURM_STEP_NUM_TASKS" not in env:
+    return None  # Not inside `srun`: the batch script itself or an allocation's shell.
+  missing = [name for name in SLURM_STEP_VARIABLES if name not in env]
+  if missing:
+    raise ValueError(f"a Slurm step sets {', '.join(present)} but not {', '.join(missing)}")
+  num_processes = _int(env["SLURM_STEP_NUM_TASKS"], "SLURM_STEP_NUM_TASKS")
+  if num_processes == 1:
+    return None
+  port = (_int(env[ENV_PORT], ENV_PORT) if ENV_PORT in env
+          else _int(env["SLURM_JOB_ID"], "SLURM_JOB_ID") % 4096 + 61440)
+  visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+  local = (None if len(visible) == 1
+           else (_int(env["SLURM_LOCALID"], "SLURM_LOCALID"),))
+  return Plan("explicit", f"Slurm step of job {env['SLURM_JOB_ID']}",
+              f"{first_slurm_host(env['SLURM_STEP_NODELIST'])}:{port}", num_processes,
+              _int(env["SLURM_PROCID"], "SLURM_PROCID"), local)
+
+
+def detect(env: Mapping[str, str], coordinator_address: str | None = None,
+           num_processes: int | None = None, process_id: int | None = None,
+           auto: bool = False) -> Plan:
+  """How this process joins, from the flags and `env` (see the module docstring)."""
+  flags = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
+           "--process_id": process_id}
+  given = [name for name, value in flags.items() if value is not None]
+  launcher = [name for name in LAUNCHER_VARIABLES if name in env]
+  if given and len(given) < 3:
+    missing = [name for name in flags if name not in given]
+    raise ValueError(f"{', '.join(given)} given without {', '.join(missing)}: the three go "
+                     "together (or use --distributed)")
+  if given and auto:
+    raise ValueError("--distributed detects the processes itself: drop --coordinator_address, "
+                     "--num_processes and --process_id, or --distributed")
+  if (given or auto) and launcher:
+    raise ValueError(f"{', '.join(launcher)} (set by launch/local.py) conflict with "
+                     f"{'the explicit flags' if given else '--distributed'}")
+  if given:
+    return _checked(Plan("explicit", "the command-line flags", coordinator_address,
+                         num_processes, process_id))
+  if auto:
+    return Plan("auto", "--distributed: jax.distributed.initialize() detects the cluster")
+  if launcher:
+    if len(launcher) < 3:
+      missing = [name for name in LAUNCHER_VARIABLES if name not in env]
+      raise ValueError(f"{', '.join(launcher)} set without {', '.join(missing)}")
+    return _checked(Plan("explicit", "T5G_* variables (launch/local.py)", env[ENV_COORDINATOR],
+                         _int(env[ENV_NUM_PROCESSES], ENV_NUM_PROCESSES),
+                         _int(env[ENV_PROCESS_ID], ENV_PROCESS_ID)))
+  slurm = _slurm(env)
+  if slurm is not None:
+    return _checked(slurm)
+  return Plan("single", "no flags, launcher variables or multi-task Slurm step")
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, auto: bool = False) -> None:
-  """Initialises `jax.distributed` when asked (explicit arguments, or `auto` detection).
-
-  With none of them, the run is a single process and nothing happens.
-  """
-  explicit = (coordinator_address, num_processes, process_id)
-  if all(v is None for v in explicit) and not auto:
-    return
-  if not auto and any(v is None for v in explicit):
-    raise ValueError("--coordinator_address, --num_processes and --process_id go together "
-                     "(or use --distributed=auto)")
+               process_id: int | None = None, auto: bool = False,
+               env: Mapping[str, str] | None = None) -> Plan:
+  """Initialises `jax.distributed` as `detect` decides (env: default os.environ); returns the
+  plan. A single process initialises nothing."""
+  plan = detect(os.environ if env is None else env, coordinator_address, num_processes,
+                process_id, auto)
+  if plan.mode == "single":
+    return plan
   # Used by CPU devices only (accelerator backends have their own collectives). Probing the
   # backend here would initialise it, which jax.distributed forbids before `initialize`.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  if auto:
+  if plan.mode == "auto":
     jax.distributed.initialize()
   else:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    local: Sequence[int] | None = plan.local_device_ids
+    jax.distributed.initialize(plan.coordinator_address, plan.num_processes, plan.process_id,
+                               local_device_ids=None if local is None else list(local))
+  logging.info("jax.distributed: process %d of %d (%s)", jax.process_index(),
+               jax.process_count(), plan.reason)
+  return plan

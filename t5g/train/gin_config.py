@@ -18,8 +18,10 @@ from typing import Sequence
 import gin
 
 from t5g.checkpoints.manager import CheckpointOptions
-from t5g.data import finetune_tasks, tasks
+from t5g.data import classification_tasks, finetune_tasks, tasks
 from t5g.data.pipeline import InputConfig
+from t5g.evaluation.evaluator import EvalConfig
+from t5g.inference.decoding import DecodeConfig
 from t5g.model.config import ComputeConfig
 from t5g.model.presets import get_preset
 from t5g.train.optimizers import OptimizerConfig, Phase
@@ -29,16 +31,23 @@ from t5g.train.train_step import LossConfig
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "gin")
 
-for _configurable in (CheckpointOptions, ComputeConfig, InputConfig, LossConfig, MeshConfig,
-                      OptimizerConfig, Phase):
+for _configurable in (CheckpointOptions, ComputeConfig, DecodeConfig, EvalConfig, InputConfig,
+                      LossConfig, MeshConfig, OptimizerConfig, Phase):
   gin.external_configurable(_configurable, module="t5g")
 for _function in (get_preset, tasks.register_c4_tasks, tasks.register_text_tasks,
-                  finetune_tasks.register_superglue_tasks, finetune_tasks.register_instruction_task):
+                  finetune_tasks.register_superglue_tasks, finetune_tasks.register_instruction_task,
+                  classification_tasks.register_superglue_classification_tasks,
+                  classification_tasks.register_classification_task):
   gin.external_configurable(_function, module="t5g")
 
 
-def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
-  """Parses `gin_files` in order, then `bindings` ("NAME = VALUE" lines, applied last)."""
+def parse(gin_files: Sequence[str], bindings: Sequence[str], check: bool = True) -> None:
+  """Parses `gin_files` in order, then `bindings` ("NAME = VALUE" lines, applied last).
+
+  check: fail when a %gin.REQUIRED is left, then lock the configuration (gin's finalize, which
+  fails on them too). False: neither; the caller checks the values it reads, as `t5g precompile`
+  does, which needs no MODEL_DIR or checkpoint.
+  """
   gin.clear_config()
   gin.add_config_file_search_path(GIN_DIR)
   for name in gin_files:
@@ -53,8 +62,9 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
     raise ValueError(f"gin: {e}") from None
   finally:
     logging.getLogger().removeFilter(quiet)
-  check_required()
-  gin.finalize()
+  if check:
+    check_required()
+    gin.finalize()
 
 
 class _DropMessages(logging.Filter):

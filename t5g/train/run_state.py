@@ -2,7 +2,8 @@
 
 The first state comes from, in this order: the run directory's newest readable step (resume),
 an initial checkpoint (`init_checkpoint`: an adapted or imported t5g directory), or a random
-initialisation. Parameters are created or restored directly into their shardings; the optimizer
+initialisation. An encoder-only classifier (`num_classes`, `t5g.model.classifier`) takes its
+encoder from a T5Gemma init checkpoint and starts its head fresh. Parameters are created or restored directly into their shardings; the optimizer
 state of each phase is sharded like the parameters it mirrors (factored or scalar statistics are
 replicated).
 """
@@ -10,7 +11,7 @@ replicated).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -20,11 +21,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from t5g.checkpoints import model_dir
 from t5g.checkpoints.manager import TrainCheckpointManager
-from t5g.model.config import ComputeConfig, EncoderDecoderConfig, ModelConfig, StackConfig
+from t5g.model import classifier
+from t5g.model.config import (ClassifierConfig, ComputeConfig, EncoderDecoderConfig, ModelConfig,
+                              StackConfig)
 from t5g.model.models import abstract_params, init_params, make_model
 from t5g.train import optimizers, partitioning
 from t5g.train.optimizers import OptimizerConfig, Phase
-from t5g.train.train_step import StepState
+from t5g.train.train_step import LossConfig, StepState, make_train_step
 
 
 def _names(path: Sequence[Any]) -> tuple[str, ...]:
@@ -37,12 +40,25 @@ def _with_shardings(shapes: Any, shardings: Any) -> Any:
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
+def run_module(config: ModelConfig, compute: ComputeConfig) -> nn.Module:
+  """The Flax module of any run model: Gemma 2, T5Gemma or the encoder-only classifier."""
+  if isinstance(config, ClassifierConfig):
+    return classifier.EncoderClassifier(config, compute)
+  return make_model(config, compute)
+
+
 def sharded_abstract_params(config: ModelConfig, compute: ComputeConfig, mesh: Mesh,
                             rules: partitioning.Rules) -> tuple[Any, Any]:
-  """(ShapeDtypeStructs with shardings, NamedShardings) of the parameters under `rules`."""
-  boxed = abstract_params(config, compute, boxed=True)
+  """(ShapeDtypeStructs with shardings, NamedShardings) of the parameters under `rules` (also
+  inside a mesh and rules context: no sharding constraint is traced)."""
+  if isinstance(config, ClassifierConfig):
+    boxed = classifier.abstract_params(config, compute, boxed=True)
+  else:
+    boxed = abstract_params(config, compute, boxed=True)
   shardings = partitioning.param_shardings(boxed, mesh, rules)
-  return _with_shardings(nn.unbox(boxed), shardings), shardings
+  values = jax.tree_util.tree_map(lambda box: box.unbox(apply_constraint=False), boxed,
+                                  is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return _with_shardings(values, shardings), shardings
 
 
 def mirrored_shardings(state_shapes: Any, param_shapes: Any, param_shardings: Any,
@@ -75,6 +91,7 @@ class RunModel:
   param_shapes: Any           # ShapeDtypeStructs with shardings
   param_shardings: Any
   new_parameters: list[str]   # from the initial checkpoint (fresh, not adapted)
+  rules: partitioning.Rules
 
   @property
   def scanned(self) -> bool:
@@ -82,12 +99,35 @@ class RunModel:
     return self.compute.scan_layers
 
 
+def classifier_config(config: ModelConfig | None, num_classes: int, init_checkpoint: str | None
+                      ) -> ClassifierConfig:
+  """The classifier over `config`'s encoder (None: the init checkpoint's); the init checkpoint
+  must hold that encoder (a T5Gemma) or that very classifier."""
+  saved = None if init_checkpoint is None else model_dir.read_model(init_checkpoint)[0]
+  base = saved if config is None else config
+  if base is None:
+    raise ValueError("train: num_classes needs `model` (a T5Gemma preset) or init_checkpoint")
+  if isinstance(base, StackConfig):
+    raise ValueError("train: num_classes needs a T5Gemma (encoder-decoder) model or init "
+                     "checkpoint; a decoder-only Gemma 2 has no encoder")
+  wanted = ClassifierConfig(base.encoder, num_classes)
+  if saved is not None and not (saved == wanted or (isinstance(saved, EncoderDecoderConfig)
+                                                    and saved.encoder == wanted.encoder)):
+    found = model_dir.differences(saved.to_dict(), wanted.to_dict())
+    raise ValueError(f"init_checkpoint={init_checkpoint} holds neither the encoder nor the "
+                     f"classifier configured: {', '.join(found)}")
+  return wanted
+
+
 def build_model(config: ModelConfig | None, compute: ComputeConfig, mesh: Mesh,
                 rules: partitioning.Rules, init_checkpoint: str | None,
-                max_replicated_fraction: float) -> RunModel:
-  """The run's model: `config`, or the initial checkpoint's (they must agree when both given)."""
+                max_replicated_fraction: float, num_classes: int | None = None) -> RunModel:
+  """The run's model: `config`, or the initial checkpoint's (they must agree when both given);
+  with `num_classes`, the encoder-only classifier over that model's encoder."""
   new_parameters: list[str] = []
-  if init_checkpoint is not None:
+  if num_classes is not None:
+    config = classifier_config(config, num_classes, init_checkpoint)
+  elif init_checkpoint is not None:
     meta, _ = model_dir.read_metadata(init_checkpoint)
     saved, _, _ = model_dir.read_model(init_checkpoint)
     if config is not None and config != saved:
@@ -99,8 +139,8 @@ def build_model(config: ModelConfig | None, compute: ComputeConfig, mesh: Mesh,
     raise ValueError("train: set `model` (e.g. MODEL = @t5g.get_preset()) or init_checkpoint")
   shapes, shardings = sharded_abstract_params(config, compute, mesh, rules)
   partitioning.check_fsdp_coverage(shapes, shardings, mesh, max_replicated_fraction)
-  return RunModel(config, compute, make_model(config, compute), shapes, shardings,
-                  new_parameters)
+  return RunModel(config, compute, run_module(config, compute), shapes, shardings,
+                  new_parameters, rules)
 
 
 def default_phases(model: RunModel, warmup_steps: int) -> list[Phase]:
@@ -162,12 +202,32 @@ def first_state(model: RunModel, phases: list[PhaseOptimizer],
                       restored.opt_state)
     return state, restored.rng, restored.data
   if init_checkpoint is not None:
-    params, _ = model_dir.restore_params(init_checkpoint, model.param_shapes, model.config,
-                                         model.scanned)
+    params = _init_checkpoint_params(model, init_checkpoint, rng)
   else:
-    params = jax.jit(lambda key: init_params(model.config, model.compute, key),
+    params = jax.jit(lambda key: _random_params(model, key),
                      out_shardings=model.param_shardings)(rng)
   return StepState(jnp.zeros((), jnp.int32), params, init_opt_state(phases[0], params)), rng, None
+
+
+def _random_params(model: RunModel, rng: Any) -> Any:
+  if isinstance(model.config, ClassifierConfig):
+    return nn.unbox(model.module.init(rng, classifier.dummy_inputs()))["params"]
+  return init_params(model.config, model.compute, rng)
+
+
+def _init_checkpoint_params(model: RunModel, init_checkpoint: str, rng: Any) -> Any:
+  """The run's parameters from its init checkpoint: all of them, or for a classifier started
+  from a T5Gemma its encoder (the decoder is read and dropped) and a fresh head."""
+  saved, _, _ = model_dir.read_model(init_checkpoint)
+  if not isinstance(model.config, ClassifierConfig) or saved == model.config:
+    return model_dir.restore_params(init_checkpoint, model.param_shapes, model.config,
+                                    model.scanned)[0]
+  mesh = model.param_shardings["head"]["kernel"].mesh
+  target, _ = sharded_abstract_params(saved, model.compute, mesh, model.rules)
+  encoder = model_dir.restore_params(init_checkpoint, target, saved, model.scanned)[0]["encoder"]
+  head = jax.jit(lambda key: classifier.init_head(model.config, model.compute, key),
+                 out_shardings=model.param_shardings["head"])(rng)
+  return {"encoder": encoder, "head": head}
 
 
 def load_teacher(checkpoint: str, compute: ComputeConfig, mesh: Mesh,
@@ -181,3 +241,34 @@ def load_teacher(checkpoint: str, compute: ComputeConfig, mesh: Mesh,
   target, _ = sharded_abstract_params(config, compute, mesh, rules)
   params, _ = model_dir.restore_params(checkpoint, target, config, scanned)
   return make_model(config, compute), params, config
+
+
+def jit_train_step(model: RunModel, phase: PhaseOptimizer, mesh: Mesh, loss: LossConfig,
+                   learning_rate: Callable[[jax.Array], jax.Array], num_microbatches: int,
+                   teacher_model: nn.Module | None = None, teacher_shardings: Any = None
+                   ) -> Callable:
+  """The train step of `phase`, jitted with the run's shardings: (state, batch, teacher params)
+  -> (state, metrics), the state donated, the batch's rows over (data, fsdp), metrics
+  replicated. The trainer runs it; `t5g precompile` lowers it for a TPU topology."""
+  fn = make_train_step(model.module, phase.optimizer, loss, learning_rate, num_microbatches,
+                       phase.trainable, teacher_model)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  shardings = StepState(replicated, model.param_shardings, phase.state_shardings)
+  return jax.jit(fn, in_shardings=(shardings, partitioning.batch_sharding(mesh),
+                                   teacher_shardings),
+                 out_shardings=(shardings, replicated), donate_argnums=0)
+
+
+def abstract_step_state(model: RunModel, phase: PhaseOptimizer, mesh: Mesh) -> StepState:
+  """The state `jit_train_step(model, phase, ...)` takes, as ShapeDtypeStructs with shardings."""
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+  return StepState(step, model.param_shapes, phase.state_shapes)
+
+
+def abstract_teacher(config: StackConfig, compute: ComputeConfig, mesh: Mesh,
+                     rules: partitioning.Rules) -> tuple[nn.Module, Any]:
+  """A decoder-only Gemma 2 teacher of `config` without a checkpoint: (module, parameter
+  ShapeDtypeStructs with shardings), laid out as `load_teacher` lays out a restored one."""
+  compute = dataclasses.replace(compute, remat_policy="none")
+  shapes, _ = sharded_abstract_params(config, compute, mesh, rules)
+  return make_model(config, compute), shapes

@@ -12,6 +12,10 @@ goes to microbatch r mod M), so every device keeps working on its own rows.
 
 The teacher (a decoder-only Gemma 2, frozen) runs in the same step on the un-split sequence of
 each PrefixLM example (`t5g.train.distillation`).
+
+The encoder-only classifier (`t5g.model.classifier`) has one loss term per example instead:
+ℓ = CE(label smoothing) + z_loss · log_z² over its class logits, w = 1 for a labelled example
+(label ≥ 0) and 0 otherwise; `accuracy` and `tokens` then count examples.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from t5g.model.classifier import EncoderClassifier
 from t5g.train import distillation, losses
 
 Array = jax.Array
@@ -77,8 +82,12 @@ def loss_sums(params: Any, batch: Batch, model: nn.Module, config: LossConfig,
               teacher: Teacher | None) -> tuple[Array, dict[str, Array]]:
   """(Σ w·ℓ, sums of each loss term, of correct predictions and of w) over `batch`."""
   logits = model.apply({"params": params}, **model_inputs(batch))
-  targets = batch["decoder_target_tokens"]
-  weights = batch["decoder_loss_weights"].astype(jnp.float32)
+  if isinstance(model, EncoderClassifier):  # logits [B, C], one label per row
+    targets = jnp.maximum(batch["label"], 0)
+    weights = (batch["label"] >= 0).astype(jnp.float32)
+  else:
+    targets = batch["decoder_target_tokens"]
+    weights = batch["decoder_loss_weights"].astype(jnp.float32)
   ce, log_z = losses.cross_entropy(logits, targets, config.label_smoothing)
   z = losses.z_loss(log_z, config.z_loss)
   kd = jnp.zeros_like(ce)

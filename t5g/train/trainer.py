@@ -5,8 +5,10 @@ global arrays over the mesh (`partitioning.global_batch`) and passed with the do
 the jitted step (`t5g.train.train_step`) under explicit in/out shardings. Around the step: the
 metrics of the previous step are fetched (one step behind, so the host never waits for the
 device) and checked for NaN/inf; metrics are logged every `log_every` steps, the eval split is
-scored every `eval_every` steps, and the checkpoint manager saves every `save_every` steps, with
-the data iterator's position, so a restarted run continues exactly. SIGTERM or SIGINT saves the
+scored every `eval_every` steps (teacher-forced loss and accuracy), the seqio evaluation
+(`t5g.evaluation.evaluator`: the task's predict and score metrics, as `t5g eval` computes them)
+runs every `evaluation_every` steps, and the checkpoint manager saves every `save_every` steps,
+with the data iterator's position, so a restarted run continues exactly. SIGTERM or SIGINT saves the
 current step and returns; a non-finite loss stops the run before anything from that step is
 saved.
 """
@@ -28,14 +30,17 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from t5g.checkpoints.manager import CheckpointOptions, TrainCheckpointManager, TrainState
+from t5g.data.classification_tasks import check_num_classes
 from t5g.data.pipeline import InputConfig, InputIterator
-from t5g.model.config import ComputeConfig, ModelConfig
+from t5g.data.tasks import get_task_or_mixture
+from t5g.evaluation.evaluate import output_directory
+from t5g.evaluation.evaluator import EvalConfig, EvalModel, Evaluator, result_lines
+from t5g.model.config import ClassifierConfig, ComputeConfig, ModelConfig
 from t5g.train import flops, gin_config, partitioning, run_state
 from t5g.train.metrics import MetricsLogger
 from t5g.train.optimizers import OptimizerConfig, Phase, learning_rate_schedule, phase_at
 from t5g.train.partitioning import DEFAULT_RULES, MeshConfig
-from t5g.train.train_step import (LossConfig, StepState, make_eval_step, make_train_step,
-                                  normalise_sums)
+from t5g.train.train_step import LossConfig, make_eval_step, normalise_sums
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -79,6 +84,9 @@ def _per_host(config: InputConfig, shard: Any) -> InputConfig:
 
 def _step_flops(model: ModelConfig, data: InputConfig, teacher: Any) -> float:
   lengths = data.task_feature_lengths
+  if isinstance(model, ClassifierConfig):  # The head's FLOPs are negligible.
+    return 3 * flops.stack_forward_flops(model.encoder, data.batch_size, lengths["inputs"],
+                                         causal=False, logits=False)
   if data.feature_converter == "encoder_decoder":
     return flops.train_step_flops(model, data.batch_size, lengths["targets"], lengths["inputs"],
                                   teacher=teacher)
@@ -108,7 +116,8 @@ def train(*, model_dir: str = gin.REQUIRED, train_input: InputConfig = gin.REQUI
           teacher_checkpoint: str | None = None, num_microbatches: int = 1,
           checkpoint: CheckpointOptions = CheckpointOptions(), log_every: int = 10,
           eval_input: InputConfig | None = None, eval_every: int = 0,
-          eval_steps: int | None = None, seed: int = 0,
+          eval_steps: int | None = None, evaluation: EvalConfig | None = None,
+          evaluation_every: int = 0, num_classes: int | None = None, seed: int = 0,
           max_replicated_fraction: float = 0.01,
           peak_flops_per_device: float | None = None,
           register_tasks: Sequence[Callable[[], Any]] = ()) -> dict[str, float]:
@@ -120,18 +129,31 @@ def train(*, model_dir: str = gin.REQUIRED, train_input: InputConfig = gin.REQUI
   (default: all; or the new parameters alone for `warmup_new_parameters_steps`). teacher_checkpoint:
   a Gemma 2 t5g directory to distil from (with loss.kd_weight > 0). peak_flops_per_device: for
   MFU (None: a matmul measured at start). register_tasks: functions called first, e.g. to
-  register the C4 tasks with the Gemma tokenizer (`t5g.register_c4_tasks`).
+  register the C4 tasks with the Gemma tokenizer (`t5g.register_c4_tasks`). evaluation: a seqio
+  evaluation run every `evaluation_every` steps and after the last (results under
+  `model_dir/inference_eval`). num_classes: train the encoder-only classifier over the model's
+  (or init checkpoint's) T5Gemma encoder, its head fresh (`feature_converter="classification"`).
   """
   for register in register_tasks:
     register()
   if loss.kd_weight > 0 and teacher_checkpoint is None:
     raise ValueError("loss.kd_weight > 0 needs a teacher_checkpoint")
+  if num_classes is not None and teacher_checkpoint is not None:
+    raise ValueError("num_classes (a classifier) cannot be distilled from a teacher_checkpoint")
   if optimizer.schedule == "cosine" and optimizer.decay_steps is None:
     optimizer = dataclasses.replace(optimizer, decay_steps=train_steps)
   rules = tuple(tuple(rule) for rule in logical_axis_rules)
   device_mesh = partitioning.make_mesh(mesh)
+  if (num_classes is not None) != (train_input.feature_converter == "classification"):
+    raise ValueError("num_classes (the encoder-only classifier) and "
+                     "feature_converter='classification' go together; got num_classes="
+                     f"{num_classes!r}, feature_converter={train_input.feature_converter!r}")
+  if num_classes is not None:
+    for data in (train_input, eval_input):
+      if data is not None:
+        check_num_classes(get_task_or_mixture(data.mixture_or_task_name), num_classes)
   run = run_state.build_model(model, compute, device_mesh, rules, init_checkpoint,
-                              max_replicated_fraction)
+                              max_replicated_fraction, num_classes)
   phases = list(phases) if phases else run_state.default_phases(run, warmup_new_parameters_steps)
   phase_at(phases, 0)  # validates the phases
   opt_phases = run_state.phase_optimizers(optimizer, phases, run, device_mesh)
@@ -142,11 +164,14 @@ def train(*, model_dir: str = gin.REQUIRED, train_input: InputConfig = gin.REQUI
     teacher_shardings = jax.tree_util.tree_map(lambda x: x.sharding, teacher_params)
   shard = partitioning.data_shard_info(device_mesh, train_input.batch_size)
   replicated = NamedSharding(device_mesh, PartitionSpec())
-  batch_sharding = partitioning.batch_sharding(device_mesh)
   schedule = learning_rate_schedule(optimizer)
   peak = (peak_flops_per_device or flops.measure_matmul_peak(np.dtype(compute.dtype).name)
           ) * device_mesh.size
   writer = jax.process_index() == 0
+  evaluator = None
+  if evaluation is not None and evaluation_every:
+    evaluator = Evaluator(evaluation, EvalModel(run.config, compute, run.module, device_mesh,
+                                                rules), output_directory(model_dir, None), writer)
   if writer:
     gin_config.write_config(model_dir)
   logger = MetricsLogger(model_dir, "train", _step_flops(run.config, train_input, teacher_config),
@@ -169,13 +194,9 @@ def train(*, model_dir: str = gin.REQUIRED, train_input: InputConfig = gin.REQUI
 
     def step_fn(index: int):
       if index not in compiled:
-        phase = opt_phases[index]
-        fn = make_train_step(run.module, phase.optimizer, loss, schedule, num_microbatches,
-                             phase.trainable, teacher_model)
-        shardings = StepState(replicated, run.param_shardings, phase.state_shardings)
-        compiled[index] = jax.jit(fn, in_shardings=(shardings, batch_sharding,
-                                                    teacher_shardings),
-                                  out_shardings=(shardings, replicated), donate_argnums=0)
+        compiled[index] = run_state.jit_train_step(run, opt_phases[index], device_mesh, loss,
+                                                   schedule, num_microbatches, teacher_model,
+                                                   teacher_shardings)
       return compiled[index]
 
     def check(step: int, metrics: Any) -> dict[str, float]:
@@ -210,6 +231,11 @@ def train(*, model_dir: str = gin.REQUIRED, train_input: InputConfig = gin.REQUI
       if eval_input is not None and eval_every and (done % eval_every == 0 or done == train_steps):
         logger.write(done, _evaluate(eval_step, state.params, eval_input, shard, device_mesh,
                                      eval_steps), "eval")
+        logger.restart_clock()
+      if evaluator is not None and (done % evaluation_every == 0 or done == train_steps):
+        for line in result_lines(evaluator.evaluate(state.params, done), done):
+          if writer:
+            print(line, flush=True)
         logger.restart_clock()
       if save_now:
         manager.save(TrainState(done, state.params, state.opt_state, rng, data.state()),

@@ -1,0 +1,1 @@
+"""Evaluation: seqio evaluators over decoding and scoring, classification fine-tuning."""

@@ -1,0 +1,212 @@
+"""seqio evaluation of a t5g model: predict metrics by decoding, score metrics by scoring.
+
+`Evaluator(config, model, output_dir)` wraps a `seqio.Evaluator` over the task or mixture
+`config.mixture_or_task_name` (its `config.split`, unshuffled, every example or the first
+`num_examples` of each task) and runs the model for it:
+
+- predict metrics (a metric function taking `predictions`): a T5Gemma decodes each example's
+  `inputs` with `t5g.inference.decoding.generate` (`config.decode`), the tokens before the
+  first EOS are decoded to text by the task's vocabulary and postprocessed; the encoder-only
+  classifier predicts the arg-max class.
+- score metrics (taking `scores`): a T5Gemma's teacher-forced log-likelihood of the targets
+  (the sum over target tokens of log p); the classifier's log-probability of the label.
+
+Examples go through the model in batches of `config.batch_size` rows (the last one padded with
+empty rows whose outputs are dropped), so each function compiles once per run. Every host
+evaluates the whole split; scoring replicates the batch over the mesh, decoding splits its rows
+over (data, fsdp), so batch_size must divide by data × fsdp. Process 0 writes.
+
+Results are written, per task, by seqio's loggers under `output_dir`: TensorBoard scalars
+(`<output_dir>/<task>/events.*`, tag `eval/<metric>`) and JSON lines
+(`<output_dir>/<task>-metrics.jsonl`, one `{"step": ..., "<metric>": ...}` per evaluation; the
+inferences of the first `write_n_results` examples in `<task>-<step, 6 digits>.jsonl`). For a mixture of
+several tasks, every metric that all its tasks report is averaged over the tasks and logged the
+same way under the mixture's name: for `t5g.superglue` / `t5g.superglue_cls` that
+`accuracy` is the paper's SuperGLUE score (mean dev accuracy of the seven tasks).
+
+Errors before any model work: an unknown task or mixture, a task without the split or without
+metrics, a decoder-only Gemma 2 model (not supported: evaluate a T5Gemma or a classifier).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import seqio
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from t5g.data import feature_converters
+from t5g.data.classification_tasks import ClassificationFeatureConverter, check_num_classes
+from t5g.data.tasks import get_task_or_mixture
+from t5g.inference.decoding import DecodeConfig, generate
+from t5g.model.config import (EOS_ID, ClassifierConfig, ComputeConfig, EncoderDecoderConfig,
+                              ModelConfig)
+from t5g.train.train_step import model_inputs
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What to evaluate and how (see the module docstring).
+
+  task_feature_lengths: e.g. {"inputs": 512, "targets": 16}; longer examples are truncated;
+  None: the longest example of the split (measured by seqio). num_examples: the first N of each
+  task (None: all). decode: how predict metrics decode (`t5g.inference.decoding`). write_n_results: inferences written to
+  JSON per task and evaluation (None: all; 0: none). seed: the sampling key when decoding samples.
+  """
+
+  mixture_or_task_name: str
+  task_feature_lengths: Mapping[str, int] | None = None
+  batch_size: int = 32
+  split: str = "validation"
+  num_examples: int | None = None
+  decode: DecodeConfig = DecodeConfig()
+  write_n_results: int | None = None
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.batch_size < 1:
+      raise ValueError(f"EvalConfig.batch_size must be at least 1, got {self.batch_size}")
+    if self.num_examples is not None and self.num_examples < 1:
+      raise ValueError(f"EvalConfig.num_examples must be None or positive, got "
+                       f"{self.num_examples}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalModel:
+  """The evaluated model: its config, how it is computed, its module, the mesh it is on and the
+  logical-axis rules that place it there."""
+
+  config: ModelConfig
+  compute: ComputeConfig
+  module: nn.Module
+  mesh: Mesh
+  rules: tuple
+
+
+def feature_converter(config: ModelConfig) -> seqio.FeatureConverter:
+  """The unpacked converter that feeds `config`'s model; a decoder-only model raises."""
+  if isinstance(config, ClassifierConfig):
+    return ClassificationFeatureConverter()
+  if isinstance(config, EncoderDecoderConfig):
+    return feature_converters.EncDecFeatureConverter(pack=False)
+  raise ValueError("evaluation supports a T5Gemma or an encoder-only classifier, not a "
+                   "decoder-only Gemma 2")
+
+
+def result_lines(results: Mapping[str, Mapping[str, float]], step: int) -> list[str]:
+  """'eval TASK step N | metric value | ...' for every task of `results`."""
+  return [" | ".join([f"eval {task} step {step}"]
+                     + [f"{name} {value:.4f}" for name, value in sorted(metrics.items())])
+          for task, metrics in results.items()]
+
+
+def until_eos(tokens: np.ndarray) -> list[int]:
+  """The tokens [N] before the first EOS (or padding 0)."""
+  stop = np.flatnonzero((tokens == EOS_ID) | (tokens == 0))
+  return tokens[:stop[0] if stop.size else len(tokens)].tolist()
+
+
+class Evaluator:
+  """A seqio evaluation of one task or mixture, reused for every `evaluate(params, step)`."""
+
+  def __init__(self, config: EvalConfig, model: EvalModel, output_dir: str, write: bool = True):
+    task = get_task_or_mixture(config.mixture_or_task_name)  # an unknown name raises
+    if isinstance(model.config, ClassifierConfig):
+      check_num_classes(task, model.config.num_classes)
+    self.config, self.model = config, model
+    loggers = ((seqio.TensorBoardLogger,
+                functools.partial(seqio.JSONLogger, write_n_results=config.write_n_results))
+               if write else ())
+    self._seqio = seqio.Evaluator(
+        config.mixture_or_task_name, feature_converter(model.config), eval_split=config.split,
+        sequence_length=(None if config.task_feature_lengths is None
+                         else dict(config.task_feature_lengths)),
+        num_examples=config.num_examples, logger_cls=loggers, log_dir=output_dir,
+        async_compute_metrics=False)
+    if not self._seqio.eval_tasks:
+      raise ValueError(f"{config.mixture_or_task_name}: no task with a {config.split!r} split "
+                       "and metrics to evaluate")
+    self._mixture = (config.mixture_or_task_name
+                     if isinstance(task, seqio.Mixture) and len(self._seqio.eval_tasks) > 1
+                     else None)
+    self._replicated = NamedSharding(model.mesh, PartitionSpec())
+    self._score = jax.jit(self._score_batch, out_shardings=self._replicated)
+    self._classify = jax.jit(self._classify_batch, out_shardings=self._replicated)
+
+  def _score_batch(self, params: Any, batch: Batch) -> jax.Array:
+    """Per-row log-likelihood [B] of the targets (T5Gemma) or of the label (classifier)."""
+    logits = self.model.module.apply({"params": params}, **model_inputs(batch))
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    if isinstance(self.model.config, ClassifierConfig):
+      return jnp.take_along_axis(log_probs, jnp.maximum(batch["label"], 0)[:, None], -1)[:, 0]
+    picked = jnp.take_along_axis(log_probs, batch["decoder_target_tokens"][..., None], -1)[..., 0]
+    return jnp.sum(picked * batch["decoder_loss_weights"], axis=-1)
+
+  def _classify_batch(self, params: Any, batch: Batch) -> jax.Array:
+    """Arg-max class [B] of the classifier."""
+    return jnp.argmax(self.model.module.apply({"params": params}, **model_inputs(batch)), -1)
+
+  def _batches(self, dataset: Any) -> Iterator[tuple[np.ndarray, Batch]]:
+    """(example indices [b], model features padded with empty rows to batch_size rows)."""
+    size = self.config.batch_size
+    for indices, features in dataset.batch(size).as_numpy_iterator():
+      yield indices, {name: np.pad(value, [(0, size - len(indices))] + [(0, 0)] * (value.ndim - 1))
+                      for name, value in features.items()}
+
+  def _predict(self, params: Any) -> Callable[[Any], list[tuple[int, list[int]]]]:
+    if isinstance(self.model.config, ClassifierConfig):
+      def classify_fn(dataset) -> list[tuple[int, list[int]]]:
+        out = []
+        for indices, batch in self._batches(dataset):
+          classes = np.asarray(self._classify(params, jax.device_put(batch, self._replicated)))
+          out.extend((index, [int(c)]) for index, c in zip(indices.tolist(), classes))
+        return out
+      return classify_fn
+    def predict_fn(dataset) -> list[tuple[int, list[int]]]:
+      out = []
+      for number, (indices, batch) in enumerate(self._batches(dataset)):
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), number)
+        generated = generate(self.model.config, params, batch["encoder_input_tokens"],
+                             self.config.decode, rng=rng, compute=self.model.compute,
+                             scanned=self.model.compute.scan_layers, mesh=self.model.mesh,
+                             rules=self.model.rules)
+        out.extend(zip(indices.tolist(), [until_eos(row) for row in np.asarray(generated.tokens)]))
+      return out
+    return predict_fn
+
+  def _scores(self, params: Any) -> Callable[[Any], list[tuple[int, float]]]:
+    def score_fn(dataset) -> list[tuple[int, float]]:
+      out = []
+      for indices, batch in self._batches(dataset):
+        scores = self._score(params, jax.device_put(batch, self._replicated))
+        out.extend(zip(indices.tolist(), np.asarray(scores).tolist()))
+      return out
+    return score_fn
+
+  def evaluate(self, params: Any, step: int) -> dict[str, dict[str, float]]:
+    """Runs every task's metrics on `params` (placed as the model expects) and logs them at
+    `step`; returns {task: {metric: value}}, plus {mixture: averages} for a mixture."""
+    future, _ = self._seqio.evaluate(compute_metrics=True, step=step,
+                                     predict_fn=self._predict(params),
+                                     score_fn=self._scores(params))
+    results = {task: {name: float(value) for name, value in metrics.items()}
+               for task, metrics in future.result().items()}
+    if self._mixture is not None:
+      shared = set.intersection(*(set(metrics) for metrics in results.values()))
+      averages = {name: float(np.mean([metrics[name] for metrics in results.values()]))
+                  for name in sorted(shared)}
+      for logger in self._seqio.loggers:
+        logger(task_name=self._mixture, step=step,
+               metrics={name: seqio.metrics.Scalar(value) for name, value in averages.items()},
+               dataset=None, inferences={}, targets=[])
+      results[self._mixture] = averages
+    return results
