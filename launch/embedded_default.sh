@@ -8,6 +8,9 @@
 set -euo pipefail
 out="${1:-runs/embedded}"
 t5g="${T5G:-t5g}"
+# The embedded default is a CPU job; this also keeps libtpu (the tpu-aot extra), where installed,
+# from looking for a TPU at start-up. Set JAX_PLATFORMS to run it elsewhere.
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 rm -rf "${out}"
 mkdir -p "${out}"
 "${t5g}" train --gin_file=experiments/embedded_gemma2_teacher.gin --gin.MODEL_DIR="'${out}/gemma2'"
