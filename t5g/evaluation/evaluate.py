@@ -23,6 +23,7 @@ import jax
 from t5g.checkpoints import model_dir as model_dirs
 from t5g.evaluation.evaluator import EvalConfig, EvalModel, Evaluator, feature_converter
 from t5g.model.config import ComputeConfig
+from t5g.model.models import make_model
 from t5g.train import gin_config, partitioning, run_state
 from t5g.train.partitioning import DEFAULT_RULES, MeshConfig
 
@@ -57,7 +58,7 @@ def evaluate(*, model_dir: str = gin.REQUIRED, evaluation: EvalConfig = gin.REQU
   writer = jax.process_index() == 0
   out = output_directory(model_dir, output_dir)
   evaluator = Evaluator(evaluation, EvalModel(config, compute,
-                                              run_state.run_module(config, compute),
+                                              make_model(config, compute),
                                               device_mesh, rules), out, writer)
   target, _ = run_state.sharded_abstract_params(config, compute, device_mesh, rules)
   params = model_dirs.read_params(model_dir, step, target)

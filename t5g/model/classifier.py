@@ -8,8 +8,6 @@ rows (padding 0); the pooled token is the last one with a non-zero segment id.
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -66,25 +64,7 @@ class EncoderClassifier(nn.Module):
     return self.head(self.pooled(encoder_input_tokens, encoder_segment_ids, encoder_positions))
 
 
-def dummy_inputs() -> Array:
-  """Smallest valid classifier input, for `init` and `eval_shape`."""
-  return jnp.ones((1, 1), jnp.int32)
-
-
 def init_head(config: ClassifierConfig, compute: ComputeConfig, rng: Array) -> dict:
   """Fresh head parameters {kernel, bias} (the encoder's initialisation is traced away)."""
   model = EncoderClassifier(config, compute)
-  return nn.unbox(model.init(rng, dummy_inputs()))["params"]["head"]
-
-
-@functools.lru_cache(maxsize=8)
-def _traced_params(config: ClassifierConfig, compute: ComputeConfig) -> dict:
-  model = EncoderClassifier(config, compute)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy_inputs()))["params"]
-
-
-def abstract_params(config: ClassifierConfig, compute: ComputeConfig, boxed: bool = False) -> dict:
-  """Parameter shapes and dtypes without allocating; boxed keeps the logical-axis boxes."""
-  shapes = _traced_params(config, compute)
-  shapes = shapes if boxed else nn.unbox(shapes)
-  return jax.tree_util.tree_map(lambda x: x, shapes)
+  return nn.unbox(model.init(rng, jnp.ones((1, 1), jnp.int32)))["params"]["head"]

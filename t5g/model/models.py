@@ -18,7 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5g.model.config import ComputeConfig, EncoderDecoderConfig, ModelConfig, StackConfig
+from t5g.model.classifier import EncoderClassifier
+from t5g.model.config import (ClassifierConfig, ComputeConfig, EncoderDecoderConfig, ModelConfig,
+                              StackConfig)
 from t5g.model.masks import positions_from_segments, segments_from_tokens
 from t5g.model.stack import Stack
 
@@ -111,8 +113,13 @@ class T5Gemma(nn.Module):
 
 def make_model(config: ModelConfig, compute: ComputeConfig = ComputeConfig(),
                cache_length: int = 0) -> nn.Module:
-  """The Flax module for `config`: `T5Gemma` for an encoder-decoder, else `Gemma2`.
-  cache_length: > 0 for a decoding model with a KV cache of that many slots."""
+  """The Flax module for `config`: `T5Gemma` for an encoder-decoder, `EncoderClassifier` for a
+  classifier, else `Gemma2`. cache_length: > 0 for a decoding model with a KV cache of that many
+  slots."""
+  if isinstance(config, ClassifierConfig):
+    if cache_length:
+      raise ValueError("an encoder-only classifier does not decode (cache_length must be 0)")
+    return EncoderClassifier(config, compute)
   if isinstance(config, EncoderDecoderConfig):
     return T5Gemma(config, compute, cache_length)
   return Gemma2(config, compute, cache_length)

@@ -3,9 +3,9 @@
 The first state comes from, in this order: the run directory's newest readable step (resume),
 an initial checkpoint (`init_checkpoint`: an adapted or imported t5g directory), or a random
 initialisation. An encoder-only classifier (`num_classes`, `t5g.model.classifier`) takes its
-encoder from a T5Gemma init checkpoint and starts its head fresh. Parameters are created or restored directly into their shardings; the optimizer
-state of each phase is sharded like the parameters it mirrors (factored or scalar statistics are
-replicated).
+encoder from a T5Gemma init checkpoint and starts its head fresh. Parameters are created or
+restored directly into their shardings; the optimizer state of each phase is sharded like the
+parameters it mirrors (factored or scalar statistics are replicated).
 """
 
 from __future__ import annotations
@@ -40,21 +40,11 @@ def _with_shardings(shapes: Any, shardings: Any) -> Any:
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def run_module(config: ModelConfig, compute: ComputeConfig) -> nn.Module:
-  """The Flax module of any run model: Gemma 2, T5Gemma or the encoder-only classifier."""
-  if isinstance(config, ClassifierConfig):
-    return classifier.EncoderClassifier(config, compute)
-  return make_model(config, compute)
-
-
 def sharded_abstract_params(config: ModelConfig, compute: ComputeConfig, mesh: Mesh,
                             rules: partitioning.Rules) -> tuple[Any, Any]:
   """(ShapeDtypeStructs with shardings, NamedShardings) of the parameters under `rules` (also
   inside a mesh and rules context: no sharding constraint is traced)."""
-  if isinstance(config, ClassifierConfig):
-    boxed = classifier.abstract_params(config, compute, boxed=True)
-  else:
-    boxed = abstract_params(config, compute, boxed=True)
+  boxed = abstract_params(config, compute, boxed=True)
   shardings = partitioning.param_shardings(boxed, mesh, rules)
   values = jax.tree_util.tree_map(lambda box: box.unbox(apply_constraint=False), boxed,
                                   is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -139,7 +129,7 @@ def build_model(config: ModelConfig | None, compute: ComputeConfig, mesh: Mesh,
     raise ValueError("train: set `model` (e.g. MODEL = @t5g.get_preset()) or init_checkpoint")
   shapes, shardings = sharded_abstract_params(config, compute, mesh, rules)
   partitioning.check_fsdp_coverage(shapes, shardings, mesh, max_replicated_fraction)
-  return RunModel(config, compute, run_module(config, compute), shapes, shardings,
+  return RunModel(config, compute, make_model(config, compute), shapes, shardings,
                   new_parameters, rules)
 
 
@@ -204,15 +194,9 @@ def first_state(model: RunModel, phases: list[PhaseOptimizer],
   if init_checkpoint is not None:
     params = _init_checkpoint_params(model, init_checkpoint, rng)
   else:
-    params = jax.jit(lambda key: _random_params(model, key),
+    params = jax.jit(lambda key: init_params(model.config, model.compute, key),
                      out_shardings=model.param_shardings)(rng)
   return StepState(jnp.zeros((), jnp.int32), params, init_opt_state(phases[0], params)), rng, None
-
-
-def _random_params(model: RunModel, rng: Any) -> Any:
-  if isinstance(model.config, ClassifierConfig):
-    return nn.unbox(model.module.init(rng, classifier.dummy_inputs()))["params"]
-  return init_params(model.config, model.compute, rng)
 
 
 def _init_checkpoint_params(model: RunModel, init_checkpoint: str, rng: Any) -> Any:
