@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--preset=t5gemma-s-s] [--batch=2] [--enc_len=128]
         [--dec_len=128] [--steps=3] [--warmup=1] [--dtype=float32] [--scan_layers=true]
-        [--remat=none] [--breakdown]
+        [--remat=none] [--breakdown] [--logits_chunk_length=0[,N...]] [--t5g_only]
 
 Both sides train the preset at the same sizes from random weights (only throughput is
 compared) on one batch of full rows: random tokens in [3, vocab), every target weighted 1, CPU.
@@ -43,6 +43,13 @@ the token cross-entropy, forward and backward (t5g: its `Embedder.decode` and `l
 parameters) on one step's gradients. Loss-and-gradients − head is the embeddings and the layers.
 The parts need not add up to the step: t5g's loss and gradients alone write fresh buffers each
 call (the page faults of about 1.3 GB of gradients), where the donated step reuses its inputs'.
+
+`--logits_chunk_length`: t5g's `LossConfig.logits_chunk_length` (0: materialised logits; N: the
+vocabulary-tiled head, `t5g.train.chunked_loss`, N decoder positions per chunk; its head alone
+is then `chunked_loss_sums`' forward and backward). Several comma-separated values are an A/B
+in one process: each is compiled, and every warm-up and timed round runs one step of each in
+turn on the same training state, so that the load of a shared machine falls on all alike. `--t5g_only` skips
+transformers (and the ratio).
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ from t5g.model import ComputeConfig, get_preset, init_params, make_model
 from t5g.model.config import REMAT_POLICIES, EncoderDecoderConfig
 from t5g.model.layers import Embedder
 from t5g.train import losses
+from t5g.train.chunked_loss import chunked_loss_sums
 from t5g.train.flops import mfu, train_step_flops
 from t5g.train.optimizers import OptimizerConfig, Phase, learning_rate_schedule, make_optimizer
 from t5g.train.train_step import LossConfig, StepState, loss_sums, make_train_step
@@ -85,33 +93,51 @@ def t5g_batch(tokens) -> dict[str, jax.Array]:
           "decoder_loss_weights": jnp.ones(targets.shape, jnp.float32)}
 
 
-def t5g_times(config, tokens, args, compute: ComputeConfig) -> dict[str, list[float]]:
-  """Seconds of each timed t5g train step (and, with --breakdown, of its parts)."""
+def t5g_name(chunk_length: int) -> str:
+  """The printed name of t5g with `--logits_chunk_length` value chunk_length."""
+  return "t5g" if chunk_length == 0 else f"t5g chunk {chunk_length}"
+
+
+def t5g_times(config, tokens, args, compute: ComputeConfig, chunk_lengths: list[int]
+              ) -> dict[str, dict[str, list[float]]]:
+  """Per `t5g_name`: seconds of each timed t5g train step (and, with --breakdown, of its parts)
+  with each logits chunk length, the steps of all lengths run in turn."""
   model = make_model(config, compute)
   params = init_params(config, compute, jax.random.PRNGKey(0))
   batch = t5g_batch(tokens)
   optimizer = make_optimizer(OPTIMIZER, params, Phase(0))
-  times = {}
+  times = {t5g_name(n): {} for n in chunk_lengths}
   if args.breakdown:
     grad_fn = jax.grad(loss_sums, has_aux=True)
-    loss_grads = jax.jit(lambda p, b: grad_fn(p, b, model, LossConfig(), None))
-    times["loss+grad"] = timed(lambda: jax.block_until_ready(loss_grads(params, batch)),
-                               args.steps, args.warmup)
-    times["head"] = t5g_head_times(config.decoder, tokens[2], args, compute)
-    times["optimizer"] = t5g_optimizer_times(optimizer, params, loss_grads(params, batch)[0],
-                                             args)
-  step = jax.jit(make_train_step(model, optimizer, LossConfig(),
-                                 learning_rate_schedule(OPTIMIZER)), donate_argnums=0)
+    for n in chunk_lengths:
+      loss_grads = jax.jit(lambda p, b, n=n: grad_fn(p, b, model,
+                                                     LossConfig(logits_chunk_length=n), None))
+      times[t5g_name(n)]["loss+grad"] = timed(
+          lambda: jax.block_until_ready(loss_grads(params, batch)), args.steps, args.warmup)
+      times[t5g_name(n)]["head"] = t5g_head_times(config.decoder, tokens[2], args, compute, n)
+    optimizer_times = t5g_optimizer_times(optimizer, params, loss_grads(params, batch)[0], args)
+    for parts in times.values():
+      parts["optimizer"] = optimizer_times
+  steps = {n: jax.jit(make_train_step(model, optimizer, LossConfig(logits_chunk_length=n),
+                                      learning_rate_schedule(OPTIMIZER)), donate_argnums=0)
+           for n in chunk_lengths}
   state = StepState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-  losses_seen = []
+  losses_seen = {n: [] for n in chunk_lengths}
 
-  def run():
+  def run(n):  # The steps of all lengths train one state in turn (one copy in memory).
     nonlocal state
-    state, metrics = jax.block_until_ready(step(state, batch))
-    losses_seen.append(float(metrics["loss"]))
+    state, metrics = jax.block_until_ready(steps[n](state, batch))
+    losses_seen[n].append(float(metrics["loss"]))
 
-  times["step"] = timed(run, args.steps, args.warmup)
-  check_finite("t5g", losses_seen)
+  for n in chunk_lengths * args.warmup:
+    run(n)
+  for n in chunk_lengths:
+    times[t5g_name(n)]["step"] = []
+  for _ in range(args.steps):
+    for n in chunk_lengths:
+      times[t5g_name(n)]["step"].append(seconds(lambda: run(n)))
+  for n in chunk_lengths:
+    check_finite(t5g_name(n), losses_seen[n])
   return times
 
 
@@ -132,8 +158,10 @@ def t5g_optimizer_times(optimizer, params, grads, args) -> list[float]:
   return timed(run, args.steps, args.warmup)
 
 
-def t5g_head_times(decoder, targets: np.ndarray, args, compute: ComputeConfig) -> list[float]:
-  """Seconds of the output head's forward and backward alone: tied projection, soft-cap, CE."""
+def t5g_head_times(decoder, targets: np.ndarray, args, compute: ComputeConfig,
+                   chunk_length: int) -> list[float]:
+  """Seconds of the output head's forward and backward alone: tied projection, soft-cap, CE
+  (materialised, or `chunked_loss_sums` in chunks of chunk_length > 0 positions)."""
   embedder = Embedder(decoder.vocab_size, decoder.embed_dim, compute.dtype, compute.param_dtype)
   rng = np.random.RandomState(1)
   hidden = jnp.asarray(rng.randn(*targets.shape, decoder.embed_dim), compute.dtype)
@@ -143,6 +171,9 @@ def t5g_head_times(decoder, targets: np.ndarray, args, compute: ComputeConfig) -
   cap = decoder.final_logit_softcap
 
   def loss(table, hidden):
+    if chunk_length:
+      return chunked_loss_sums(hidden, table["embedding"], targets, jnp.ones(targets.shape),
+                               chunk_length=chunk_length, final_softcap=cap)[0]
     logits = embedder.apply({"params": table}, hidden, method=Embedder.decode)
     if cap is not None:
       logits = jnp.tanh(logits / cap) * cap
@@ -242,7 +273,12 @@ def main() -> None:
   parser.add_argument("--breakdown", action="store_true",
                       help="also time the loss+gradients, the output head and the optimizer "
                       "alone")
+  parser.add_argument("--logits_chunk_length", default="0",
+                      help="t5g's LossConfig.logits_chunk_length; comma-separated values are "
+                      "timed in turn in this process (an A/B)")
+  parser.add_argument("--t5g_only", action="store_true", help="do not run transformers")
   args = parser.parse_args()
+  chunk_lengths = [int(n) for n in args.logits_chunk_length.split(",")]
   config = get_preset(args.preset)
   if not isinstance(config, EncoderDecoderConfig):
     parser.error(f"--preset={args.preset} is not a T5Gemma (encoder-decoder) preset")
@@ -258,15 +294,17 @@ def main() -> None:
   if args.dtype == "bfloat16":
     peaks["bfloat16 jax"] = jax_matmul_gflops(dtype="bfloat16")
   peak = max(peaks.values())
-  times = {"t5g": t5g_times(config, tokens, args, compute),
-           "transformers": transformers_times(config, tokens, args)}
+  times = t5g_times(config, tokens, args, compute, chunk_lengths)
+  if not args.t5g_only:
+    times["transformers"] = transformers_times(config, tokens, args)
 
   flops = train_step_flops(config, args.batch, args.dec_len, args.enc_len, attention="visible")
   head = 3 * 2 * args.batch * args.dec_len * config.decoder.embed_dim * config.vocab_size
   print(f"preset {args.preset}, batch {args.batch}, lengths {args.enc_len}/{args.dec_len}, "
         f"t5g compute {args.dtype} (transformers float32), fp32 params and AdamW state, "
         f"{cores} CPU cores, scan_layers={args.scan_layers}, remat={args.remat}, "
-        f"{args.warmup} warm-up + {args.steps} timed steps")
+        f"{args.warmup} warm-up + {args.steps} timed steps, t5g logits chunk length(s) "
+        f"{args.logits_chunk_length}")
   print(f"1-minute load average: {load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end "
         f"(this run adds up to {cores}; more means other processes shared the cores)")
   print(f"step = {flops / 1e9:.1f} GFLOP (analytic, visible attention; output projection "
@@ -286,9 +324,13 @@ def main() -> None:
       print(f"{'':>12}  loss+grad {grads:.3f} s (output head alone {head_s:.3f} s, "
             f"{head / head_s / 1e9:.1f} GFLOP/s; rest {grads - head_s:.3f} s), "
             f"optimizer alone {median[name]['optimizer']:.3f} s")
-  ratio = median["transformers"]["step"] / median["t5g"]["step"]
-  t5g_mfu = mfu(flops, median["t5g"]["step"], peak * 1e9)
-  print(f"ratio t5g / transformers (tokens/s, median steps): {ratio:.2f}x")
+  if args.t5g_only:
+    return
+  t5g_step = median[t5g_name(chunk_lengths[0])]["step"]
+  ratio = median["transformers"]["step"] / t5g_step
+  t5g_mfu = mfu(flops, t5g_step, peak * 1e9)
+  print(f"ratio {t5g_name(chunk_lengths[0])} / transformers (tokens/s, median steps): "
+        f"{ratio:.2f}x")
   verdict = {True: "met", False: "NOT met"}
   print(f"target >= {TARGET_RATIO:.0f}x transformers: {verdict[ratio >= TARGET_RATIO]}; "
         f"target t5g MFU >= {TARGET_MFU:.0%}: {verdict[t5g_mfu >= TARGET_MFU]}")

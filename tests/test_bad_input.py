@@ -5,7 +5,6 @@ import os
 import shutil
 
 import numpy as np
-import pytest
 
 from t5g import cli
 from t5g.compat import safetensors_io

@@ -204,12 +204,20 @@ def test_documents_are_joined_before_the_objective(tmp_path):
 
 
 def test_c4_pipeline_on_tfds_mock_data():
+  """The C4 tasks (TFDS source, its `text` feature, both objectives and converters) give real
+  batches on TFDS mock data. Registered again with one document per example for the test: the
+  default 128 joined documents per example would make the first batches take several times
+  longer (joining itself: test_documents_are_joined_before_the_objective)."""
   import tensorflow_datasets as tfds
-  with tfds.testing.mock_data(num_examples=8):
-    for converter, name in [("encoder_decoder", "t5g.c4.ul2_prefix_lm"),
-                            ("prefix_lm", "t5g.c4.prefix_lm")]:
-      config = pipeline.InputConfig(name, UL2_LENGTHS, batch_size=2, split="validation",
-                                    shuffle=False, feature_converter=converter)
-      batch = next(pipeline.InputIterator(config, seqio.ShardInfo(0, 1)))
-      tokens = batch["decoder_target_tokens"]
-      assert tokens.shape[0] == 2 and (tokens[:, 0] > 0).all()
+  tasks.register_c4_tasks(documents_per_example=1)
+  try:
+    with tfds.testing.mock_data(num_examples=8):
+      for converter, name in [("encoder_decoder", "t5g.c4.ul2_prefix_lm"),
+                              ("prefix_lm", "t5g.c4.prefix_lm")]:
+        config = pipeline.InputConfig(name, UL2_LENGTHS, batch_size=2, split="validation",
+                                      shuffle=False, feature_converter=converter)
+        batch = next(pipeline.InputIterator(config, seqio.ShardInfo(0, 1)))
+        tokens = batch["decoder_target_tokens"]
+        assert tokens.shape[0] == 2 and (tokens[:, 0] > 0).all()
+  finally:
+    tasks.register_c4_tasks()  # The defaults again, for the tests after this one.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from t5g.compat import hf_checkpoints
-from t5g.model import BOS_ID, abstract_params, make_model
+from t5g.model import BOS_ID, make_model
 from t5g.model.config import FP32
 from tests import hf_models
 

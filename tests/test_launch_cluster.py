@@ -132,6 +132,18 @@ def test_detect_order_and_launcher_variables():
   assert distributed.detect(SLURM_STEP, auto=True).mode == "auto"
 
 
+def test_detect_tpu_hosts_from_the_environment():
+  """A GKE multi-host TPU slice or a multi-slice run joins through jax's own detection."""
+  gke = {"TPU_WORKER_HOSTNAMES": "w-0.svc,w-1.svc,w-2.svc,w-3.svc", "TPU_WORKER_ID": "2"}
+  plan = distributed.detect(gke)
+  assert (plan.mode, plan.reason) == ("auto", "TPU_WORKER_HOSTNAMES names 4 TPU hosts")
+  assert distributed.detect({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2"}).mode == "auto"
+  assert distributed.detect({"TPU_WORKER_HOSTNAMES": "localhost"}).mode == "single"
+  local = {"T5G_COORDINATOR_ADDRESS": "localhost:999", "T5G_NUM_PROCESSES": "2",
+           "T5G_PROCESS_ID": "0"}
+  assert distributed.detect({**gke, **local}).mode == "explicit"
+
+
 @pytest.mark.parametrize("env,kwargs,message", [
     ({}, {"coordinator_address": "h:1"}, "given without --num_processes, --process_id"),
     ({}, {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0, "auto": True},

@@ -5,6 +5,8 @@ short lines, unshuffled and unpacked: seqio deals line k to host k mod 2, each l
 example, so the 2 hosts' rows of a step are the rows the single process reads (in another
 order, which the loss does not depend on). Both runs are `t5g train` commands with the same gin
 file, started at once; the 2-process one through the launcher, with fsdp=2 across the processes.
+They start from the same saved random parameters (`train_children.write_init`), so no process
+compiles a random initialisation.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tensorflow as tf
 
 from t5g.checkpoints import model_dir
 from t5g.data import embedded_corpus
+from tests import train_children
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -31,6 +34,7 @@ include 'runs/pretrain.gin'
 MIXTURE_OR_TASK_NAME = "launch_test.prefix_lm"
 TASK_FEATURE_LENGTHS = {{"inputs": 32, "targets": 32}}
 TRAIN_STEPS = {steps}
+INIT_CHECKPOINT = "{init}"
 BATCH_SIZE = 8
 LEARNING_RATE = 1e-3
 WARMUP_STEPS = 0
@@ -79,9 +83,11 @@ def runs(tmp_path_factory):
   words = " ".join(embedded_corpus.documents()[:20]).split()
   with open(os.path.join(out, "lines.txt"), "w") as f:
     f.writelines(" ".join(words[i * 7:(i + 1) * 7]) + "\n" for i in range(64))
+  train_children.write_init(os.path.join(out, "init"))
   gin_file = os.path.join(out, "run.gin")
   with open(gin_file, "w") as f:
-    f.write(GIN.format(steps=STEPS, data=os.path.join(out, "lines.txt")))
+    f.write(GIN.format(steps=STEPS, data=os.path.join(out, "lines.txt"),
+                       init=os.path.join(out, "init")))
 
   def command(name):
     return ["train", f"--gin_file={gin_file}", f"--gin.MODEL_DIR='{os.path.join(out, name)}'"]

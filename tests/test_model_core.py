@@ -1,6 +1,7 @@
 """Model structure: presets, parameter counts, layouts, remat, masks, dtypes."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -58,34 +59,41 @@ def _inputs(batch=2, enc_len=19, dec_len=11, seed=0):
 
 @pytest.fixture(scope="module")
 def unscanned_model():
+  """(config, numpy params, logits of `_inputs()`) of an unscanned float32 model; every model
+  here runs jitted: one compile per function instead of one per operation."""
   config = get_preset("t5gemma-tiny_wide-tiny")  # Encoder with an odd layer count.
-  params = init_params(config, FP32, jax.random.PRNGKey(0))
-  enc, dec = _inputs()
-  logits = make_model(config, FP32).apply({"params": params}, enc, dec)
+  params = jax.jit(lambda key: init_params(config, FP32, key))(jax.random.PRNGKey(0))
+  logits = _apply(make_model(config, FP32), params, *_inputs())
   return config, jax.tree_util.tree_map(np.asarray, params), np.asarray(logits)
 
 
-@pytest.mark.parametrize("remat_policy", ["none", "full", "save_sublayer_outputs"])
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model, params, enc, dec):
+  return model.apply({"params": params}, enc, dec)
+
+
+# 'none' and one rematerialising policy: every other policy takes the same `nn.remat` path, and
+# which one only matters to the gradients (test_remat_gradients_match).
+@pytest.mark.parametrize("remat_policy", ["none", "save_sublayer_outputs"])
 def test_scanned_equals_unscanned(unscanned_model, remat_policy):
   config, params, expected = unscanned_model
   compute = dataclasses.replace(FP32, scan_layers=True, remat_policy=remat_policy)
   scanned = layout.convert(params, config, False, abstract_params(config, compute), True)
   model = make_model(config, compute)
-  enc, dec = _inputs()
-  np.testing.assert_allclose(model.apply({"params": scanned}, enc, dec), expected, atol=1e-5)
+  np.testing.assert_allclose(_apply(model, scanned, *_inputs()), expected, atol=1e-5)
   back = layout.convert(scanned, config, True, abstract_params(config, FP32), False)
   jax.tree_util.tree_map(np.testing.assert_array_equal, back, params)
 
 
 def test_remat_gradients_match(unscanned_model):
+  """The jitted gradients of a rematerialising model (policy 'dots') are the plain model's."""
   config, params, _ = unscanned_model
   enc, dec = _inputs()
 
   def grads(policy):
-    compute = dataclasses.replace(FP32, remat_policy=policy)
-    model = make_model(config, compute)
-    loss = lambda p: jnp.mean(model.apply({"params": p}, enc, dec) ** 2)
-    return jax.grad(loss)(params)
+    model = make_model(config, dataclasses.replace(FP32, remat_policy=policy))
+    loss = lambda p: jnp.mean(model.apply({"params": p}, enc, dec) ** 2)  # noqa: E731
+    return jax.jit(jax.grad(loss))(params)
 
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
                          grads("none"), grads("dots"))
@@ -95,7 +103,7 @@ def test_bfloat16_compute_is_close(unscanned_model):
   config, params, expected = unscanned_model
   compute = dataclasses.replace(FP32, dtype=jnp.bfloat16)
   enc, dec = _inputs()
-  logits = make_model(config, compute).apply({"params": params}, enc, dec)
+  logits = _apply(make_model(config, compute), params, enc, dec)
   assert logits.dtype == jnp.float32
   valid = dec != 0
   assert np.abs(np.asarray(logits) - expected)[valid].max() < 0.25 * np.abs(expected).max()

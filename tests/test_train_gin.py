@@ -1,8 +1,13 @@
-"""`t5g train` configuration: layered gin files, REQUIRED macros, unknown bindings, config.gin."""
+"""`t5g train` configuration: layered gin files, REQUIRED macros, unknown bindings, config.gin.
+
+The configuration errors are checked through `cli.main` in this process (they happen before
+anything is built); one real `t5g train` command runs in its own process.
+"""
 
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import re
 import subprocess
@@ -11,11 +16,16 @@ import sys
 import gin
 import pytest
 
-from t5g.train import gin_config, trainer  # noqa: F401  (registers t5g.train)
+from t5g import cli
+from t5g.train import gin_config
+
+importlib.import_module("t5g.train.trainer")  # registers t5g.train with gin
 
 EXPERIMENTS = sorted(os.path.relpath(p, gin_config.GIN_DIR) for p in
                      glob.glob(os.path.join(gin_config.GIN_DIR, "experiments", "*.gin"))
                      if not os.path.basename(p).startswith("_"))
+# Cheaper CPU code generation (as tests/train_children.py): a third less compile time.
+CHEAP_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 MODEL_FIRST = ("superglue_finetune.gin", "superglue_classification.gin",
                "instruction_finetune.gin")  # take a model file first
 
@@ -58,15 +68,31 @@ def test_paper_lengths_in_the_adaptation_recipes():
 
 
 def _t5g(*args: str, cwd: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "t5g", *args], cwd=cwd, capture_output=True,
-                        text=True, timeout=600)
+  """`t5g ARGS` run as a command in its own process, in `cwd`."""
+  env = {**os.environ, "XLA_FLAGS": CHEAP_XLA_FLAGS, "JAX_PLATFORMS": "cpu",
+         "TF_CPP_MIN_LOG_LEVEL": "3"}
+  return subprocess.run([sys.executable, "-m", "t5g", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=600)
 
 
-def test_missing_required_macro_fails_before_anything_is_built(tmp_path):
-  run = _t5g("train", "--gin_file=models/gemma2-tiny.gin", "--gin_file=runs/pretrain.gin",
-             f"--gin.MODEL_DIR='{tmp_path}/run'", "--gin.TRAIN_STEPS=2", cwd=str(tmp_path))
-  assert run.returncode == 2, run.stderr
-  assert "MIXTURE_OR_TASK_NAME" in run.stderr and "TASK_FEATURE_LENGTHS" in run.stderr
+def _t5g_in_process(*args: str, cwd, monkeypatch, capsys) -> tuple[int, str]:
+  """(exit status, stderr) of `t5g ARGS` run by `cli.main` in this process, in `cwd`: the
+  configuration errors happen before anything is built, so no process start is needed."""
+  monkeypatch.chdir(cwd)
+  try:
+    status = cli.main(list(args))
+  finally:
+    gin.clear_config()
+  return status, capsys.readouterr().err
+
+
+def test_missing_required_macro_fails_before_anything_is_built(tmp_path, monkeypatch, capsys):
+  status, stderr = _t5g_in_process(
+      "train", "--gin_file=models/gemma2-tiny.gin", "--gin_file=runs/pretrain.gin",
+      f"--gin.MODEL_DIR='{tmp_path}/run'", "--gin.TRAIN_STEPS=2", cwd=tmp_path,
+      monkeypatch=monkeypatch, capsys=capsys)
+  assert status == 2, stderr
+  assert "MIXTURE_OR_TASK_NAME" in stderr and "TASK_FEATURE_LENGTHS" in stderr
   assert not os.path.exists(tmp_path / "run")
 
 
@@ -74,23 +100,28 @@ def test_missing_required_macro_fails_before_anything_is_built(tmp_path):
     ("--gin.t5g.OptimizerConfig.learning_rat=0.1", "learning_rat"),
     ("--gin.t5g.NoSuchThing.value=1", "t5g.NoSuchThing"),
 ])
-def test_unknown_binding_fails_naming_it(tmp_path, binding, named):
-  run = _t5g("train", "--gin_file=experiments/embedded_gemma2_teacher.gin",
-             f"--gin.MODEL_DIR='{tmp_path}/run'", binding, cwd=str(tmp_path))
-  assert run.returncode == 2, run.stderr
-  assert named in run.stderr
+def test_unknown_binding_fails_naming_it(tmp_path, monkeypatch, capsys, binding, named):
+  status, stderr = _t5g_in_process(
+      "train", "--gin_file=experiments/embedded_gemma2_teacher.gin",
+      f"--gin.MODEL_DIR='{tmp_path}/run'", binding, cwd=tmp_path, monkeypatch=monkeypatch,
+      capsys=capsys)
+  assert status == 2, stderr
+  assert named in stderr
   assert not os.path.exists(tmp_path / "run")
 
 
-def test_missing_gin_file_is_named(tmp_path):
-  run = _t5g("train", "--gin_file=experiments/nope.gin", cwd=str(tmp_path))
-  assert run.returncode == 2 and "experiments/nope.gin" in run.stderr
+def test_missing_gin_file_is_named(tmp_path, monkeypatch, capsys):
+  status, stderr = _t5g_in_process("train", "--gin_file=experiments/nope.gin", cwd=tmp_path,
+                                   monkeypatch=monkeypatch, capsys=capsys)
+  assert status == 2 and "experiments/nope.gin" in stderr
 
 
 def test_train_writes_config_gin_events_and_checkpoint(tmp_path):
+  """A real `t5g train` command (its own process) trains 2 steps and writes its run directory."""
   model_dir = tmp_path / "run"
   run = _t5g("train", "--gin_file=experiments/embedded_gemma2_teacher.gin",
-             f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=2", "--gin.WARMUP_STEPS=1", "--gin.BATCH_SIZE=4",
+             f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=2", "--gin.WARMUP_STEPS=1",
+             "--gin.BATCH_SIZE=4",
              "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 16}",
              "--gin_bindings=t5g.train.log_every = 1", cwd=str(tmp_path))
   assert run.returncode == 0, run.stderr[-3000:]

@@ -3,8 +3,9 @@
 Every run trains the tiny T5Gemma in fp32 with AdamW for 3 steps on global batches of 8 rows,
 from the same initial parameters (`tests/train_children.py`). The runs happen in child
 processes on fake CPU devices, all started at once: a 1-device reference (with and without
-4 microbatches, and reading the 2 hosts' batches), the 4 meshes on 8 devices, and 2 processes
-joined by `jax.distributed` (4 devices each). The tests compare the last step's loss and
+4 microbatches, and reading the 2 hosts' batches), the 4 meshes on 8 devices (2 children of 2
+meshes: one child's 4 compiles in a row would be the last to end, with a core idle), and 2
+processes joined by `jax.distributed` (4 devices each). The tests compare the last step's loss and
 gradient norm (relative difference ≤ 1e-5) and the saved parameters (absolute difference
 ≤ 1e-5; they are O(0.1)) with those of the 1-device run.
 """
@@ -28,6 +29,8 @@ from tests.train_children import MESHES, STEPS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-5
 TIMEOUT_S = 600
+MESH_GROUPS = (("fsdp8", "data8"), ("tensor2_fsdp4", "data2_fsdp2_tensor2"))  # One child each.
+assert sorted(sum(MESH_GROUPS, ())) == sorted(MESHES)
 
 
 class _Child:
@@ -81,7 +84,8 @@ def runs(tmp_path_factory):
   train_children.write_init(os.path.join(out, "init"))
   port = str(_free_port())
   children = {"reference": _Child(out, "reference", 1, "reference"),
-              "meshes": _Child(out, "meshes", 8, "meshes"),
+              **{f"meshes{i}": _Child(out, f"meshes{i}", 8, "meshes", *names)
+                 for i, names in enumerate(MESH_GROUPS)},
               **{f"host{i}": _Child(out, f"host{i}", 4, "host", port, str(i))
                  for i in range(2)}}
   yield out, children
@@ -112,8 +116,11 @@ def test_meshes_equal_one_device(runs):
   out, children = runs
   reference = children["reference"].report()
   assert reference["devices"] == 1
-  meshes = children["meshes"].report()
-  assert meshes["devices"] == 8
+  meshes = {}
+  for i in range(len(MESH_GROUPS)):
+    report = children[f"meshes{i}"].report()
+    assert report["devices"] == 8
+    meshes.update(report)
   for name in MESHES:
     assert meshes[name]["input"] == {"batch_size": 8, "shards": [[0, 1]], "rows": 8}
     _assert_same(out, name, meshes[name], "reference", reference["reference"])

@@ -1,10 +1,12 @@
 """The trainer stops and resumes exactly: SIGKILL, SIGTERM, a non-finite loss, warmup phases.
 
-The signal tests run the trainer in a child process: this file run as a script trains the tiny
-T5Gemma on the embedded PrefixLM task (`_run_kwargs`), printing a progress line per step. The
-children share a JAX compilation cache, so only the first one compiles. A restarted child runs
-the same command in the same directory and continues from the newest complete step; its final
-parameters and optimizer state must be bitwise equal to those of an uninterrupted child.
+The signal tests run the trainer in a child process: `python -m tests.test_train_resume` trains
+the tiny T5Gemma on the embedded PrefixLM task (`_run_kwargs`) from saved random parameters (no
+initialisation to compile), printing a progress line per step. The children share a JAX
+compilation cache, so only the first one compiles, and use XLA's cheaper CPU code generation
+(as tests/train_children.py). A restarted child runs the same command in the same directory and
+continues from the newest complete step; its final parameters and optimizer state must be
+bitwise equal to those of an uninterrupted child.
 
 Where the SIGKILL lands: the test polls the run directory and kills the child as soon as a step
 directory named "3", "6" or "9" exists. Orbax writes a step under a temporary name and renames
@@ -19,6 +21,7 @@ The non-finite loss and the warmup phases run in-process (no signal involved).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -31,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from t5g.checkpoints import model_dir
 from t5g.checkpoints.manager import CheckpointOptions
@@ -41,9 +45,11 @@ from t5g.model.models import abstract_params
 from t5g.model.presets import get_preset
 from t5g.train import trainer
 from t5g.train.optimizers import OptimizerConfig
+from tests import train_children
 
 STEPS, SAVE_EVERY = 12, 3
 TIMEOUT_S = 300
+CHEAP_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def _run_kwargs(directory: str, **overrides) -> dict:
@@ -60,24 +66,40 @@ def _run_kwargs(directory: str, **overrides) -> dict:
   return kwargs
 
 
-def _child(directory: str, cache: str, save_every: str) -> None:
-  """The child process: one training run in `directory`, compiling through `cache`."""
+@contextlib.contextmanager
+def _compilation_cache(cache: str):
+  """JAX's persistent compilation cache in directory `cache` for this process, in the block."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  saved = {name: getattr(jax.config, name) for name in names}
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  trainer.train(**_run_kwargs(directory,
-                              checkpoint=CheckpointOptions(save_every=int(save_every))))
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
 
 
-def _start(directory: str, cache: str, save_every: int = SAVE_EVERY
+def _child(directory: str, init: str, cache: str, save_every: str) -> None:
+  """The child process: one training run in `directory` from `init`, compiling through `cache`."""
+  with _compilation_cache(cache):
+    trainer.train(**_run_kwargs(directory, init_checkpoint=init,
+                                checkpoint=CheckpointOptions(save_every=int(save_every))))
+
+
+def _start(directory: str, init: str, cache: str, save_every: int = SAVE_EVERY
            ) -> tuple[subprocess.Popen, str]:
-  """Starts a child training in `directory`: (process, path of its stdout; stderr: '.err')."""
+  """Starts a child training in `directory` from the parameters in `init`: (process, path of its
+  stdout; stderr: '.err')."""
   os.makedirs(directory, exist_ok=True)
   out = os.path.join(directory, f"child-{time.monotonic_ns()}.out")
   with open(out, "w") as stdout, open(out[:-len(".out")] + ".err", "w") as stderr:
     process = subprocess.Popen(
-        [sys.executable, __file__, directory, cache, str(save_every)], stdout=stdout,
-        stderr=stderr, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        [sys.executable, "-m", "tests.test_train_resume", directory, init, cache,
+         str(save_every)], stdout=stdout, stderr=stderr,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=CHEAP_XLA_FLAGS),
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   return process, out
 
@@ -129,16 +151,24 @@ def cache(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache) -> str:
-  """The directory of an uninterrupted run of STEPS steps."""
-  directory = str(tmp_path_factory.mktemp("reference"))
-  assert _finish(*_start(directory, cache)) == list(range(1, STEPS + 1))
+def init(tmp_path_factory) -> str:
+  """Random (numpy) parameters of the tiny T5Gemma saved as step 0: every run's starting point."""
+  directory = str(tmp_path_factory.mktemp("init"))
+  train_children.write_init(directory)
   return directory
 
 
-def test_sigkill_after_a_save_then_restart_is_exact(tmp_path, cache, reference):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, init, cache) -> str:
+  """The directory of an uninterrupted run of STEPS steps."""
+  directory = str(tmp_path_factory.mktemp("reference"))
+  assert _finish(*_start(directory, init, cache)) == list(range(1, STEPS + 1))
+  return directory
+
+
+def test_sigkill_after_a_save_then_restart_is_exact(tmp_path, init, cache, reference):
   directory = str(tmp_path / "run")
-  process, out = _start(directory, cache)
+  process, out = _start(directory, init, cache)
   deadline = time.monotonic() + TIMEOUT_S
   while not set(_complete_steps(directory)) & {3, 6, 9}:
     assert process.poll() is None, f"the child ended before a save (rc {process.returncode})"
@@ -150,14 +180,15 @@ def test_sigkill_after_a_save_then_restart_is_exact(tmp_path, cache, reference):
   assert STEPS not in saved and saved, f"the kill did not land mid-run: saved {saved}"
   resumed_from = saved[-1]
   assert _printed_steps(out)[-1] < STEPS
-  printed = _finish(*_start(directory, cache))
+  printed = _finish(*_start(directory, init, cache))
   assert printed == list(range(resumed_from + 1, STEPS + 1))
   _assert_same_state(directory, reference)
 
 
-def test_sigterm_saves_the_current_step_and_a_restart_is_exact(tmp_path, cache, reference):
+def test_sigterm_saves_the_current_step_and_a_restart_is_exact(tmp_path, init, cache,
+                                                               reference):
   directory = str(tmp_path / "run")
-  process, out = _start(directory, cache, save_every=1000)
+  process, out = _start(directory, init, cache, save_every=1000)
   deadline = time.monotonic() + TIMEOUT_S
   while len(_printed_steps(out)) < 2:
     assert process.poll() is None, f"the child ended early (rc {process.returncode})"
@@ -167,18 +198,18 @@ def test_sigterm_saves_the_current_step_and_a_restart_is_exact(tmp_path, cache, 
   stopped = _finish(process, out)[-1]
   assert 2 <= stopped < STEPS, f"the signal did not land mid-run (stopped at {stopped})"
   assert _complete_steps(directory) == [stopped]
-  assert _finish(*_start(directory, cache, save_every=1000)) == list(range(stopped + 1,
-                                                                         STEPS + 1))
+  assert _finish(*_start(directory, init, cache, save_every=1000)) == list(
+      range(stopped + 1, STEPS + 1))
   _assert_same_state(directory, reference)
 
 
-def test_non_finite_loss_stops_before_saving_its_step(tmp_path):
+def test_non_finite_loss_stops_before_saving_its_step(tmp_path, init):
   """Adam moves every parameter by the learning rate in its first step: at 1e30 the second
   step's logits overflow."""
   directory = str(tmp_path / "run")
   optimizer = OptimizerConfig(learning_rate=1e30, schedule="constant", clip_global_norm=None)
   with pytest.raises(trainer.NonFiniteLoss, match=r"step 2: loss is (nan|inf)") as error:
-    trainer.train(**_run_kwargs(directory, optimizer=optimizer,
+    trainer.train(**_run_kwargs(directory, optimizer=optimizer, init_checkpoint=init,
                                 checkpoint=CheckpointOptions(save_every=1)))
   assert "Newest saved step: 1" in str(error.value)
   assert model_dir.steps(directory) == [1]
@@ -206,16 +237,18 @@ def _is_new(path) -> bool:
 
 def test_warmup_of_new_parameters_then_everything(tmp_path):
   """An unbalanced adaptation trains its fresh cross-attention alone for 2 steps, then all;
-  a run resumed at the phase boundary ends as the uninterrupted one."""
+  a run resumed at the phase boundary ends as the uninterrupted one. (Both runs compile through
+  a compilation cache: the resumed run's programs are the first run's.)"""
   init = str(tmp_path / "adapted")
   adapt_checkpoint(_random_gemma2(str(tmp_path / "wide"), "gemma2-tiny_wide", 0),
                    _random_gemma2(str(tmp_path / "tiny"), "gemma2-tiny", 1), init)
   kwargs = dict(model=None, init_checkpoint=init, train_steps=4, warmup_new_parameters_steps=2,
                 optimizer=OptimizerConfig(learning_rate=1e-3, schedule="constant"),
-                checkpoint=CheckpointOptions(save_every=1, keep_last=None))
+                checkpoint=CheckpointOptions(save_every=2, keep_last=None))
   run = str(tmp_path / "run")
-  trainer.train(**_run_kwargs(run, **kwargs))
-  assert model_dir.steps(run) == [1, 2, 3, 4]
+  with _compilation_cache(str(tmp_path / "jax_cache")):
+    trainer.train(**_run_kwargs(run, **kwargs))
+  assert model_dir.steps(run) == [2, 4]
   start, warmed, trained = (model_dir.load(d, step).params
                             for d, step in ((init, 0), (run, 2), (run, 4)))
   new = []
@@ -233,8 +266,9 @@ def test_warmup_of_new_parameters_then_everything(tmp_path):
 
   resumed = str(tmp_path / "resumed")  # Holds only step 2, the phase boundary.
   shutil.copytree(os.path.join(run, "2"), os.path.join(resumed, "2"))
-  trainer.train(**_run_kwargs(resumed, **kwargs))
-  assert model_dir.steps(resumed) == [2, 3, 4]
+  with _compilation_cache(str(tmp_path / "jax_cache")):
+    trainer.train(**_run_kwargs(resumed, **kwargs))
+  assert model_dir.steps(resumed) == [2, 4]
   _assert_same_state(resumed, run, 4)
 
 

@@ -4,7 +4,7 @@ JAX fixes its device count when it starts, so each run happens in a child starte
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` in its environment (`child_env`):
 
     python -m tests.train_children reference OUT             # 1 device
-    python -m tests.train_children meshes OUT                # 8 devices
+    python -m tests.train_children meshes OUT [MESH ...]     # 8 devices (default: all MESHES)
     python -m tests.train_children host OUT PORT PROCESS_ID  # 4 devices, one of 2 processes
 
 Every run starts from the parameters in OUT/init (`write_init`), trains the same model for
@@ -15,7 +15,9 @@ The test compares the saved parameters.
 The data: every single-process run reads the same global batches. Two hosts read other ones
 (seqio shards the examples before packing them, so the rows of host k are not rows of the
 1-host batches), so the reference child also trains `hosts_joined`: one process reading both
-hosts' shards, each into the rows that host's devices hold.
+hosts' shards, each into the rows that host's devices hold. Its train step is the `reference`
+run's program, so the reference child compiles through a persistent compilation cache
+(OUT/reference_cache) and `hosts_joined` loads that program instead of compiling it again.
 """
 
 from __future__ import annotations
@@ -170,12 +172,14 @@ def main(mode: str, out: str, *host: str) -> None:
   report: dict = {"devices": jax.device_count(), "local_devices": jax.local_device_count(),
                   "process": [jax.process_index(), jax.process_count()]}
   if mode == "reference":
+    jax.config.update("jax_compilation_cache_dir", os.path.join(out, "reference_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     report["reference"] = _train(out, "reference", {"data": 1})
     report["microbatches4"] = _train(out, "microbatches4", {"data": 1}, num_microbatches=4)
     report["hosts_joined"] = _train(out, "hosts_joined", {"data": 1}, join_hosts=2)
   elif mode == "meshes":
-    for name, mesh in MESHES.items():
-      report[name] = _train(out, name, mesh)
+    for name in host or MESHES:
+      report[name] = _train(out, name, MESHES[name])
   elif mode == "host":
     report["host"] = _train(out, "host", MESHES[HOST_MESH])
   else:

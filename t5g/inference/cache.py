@@ -4,8 +4,8 @@ The model creates it on its first `step` (t5g/model/models.py); its leaves, by n
 
     <stack>/slots/{segment_ids,positions}     [B, C] int32   each cache slot's segment, position
     <stack>/slots/index, .../attn/index       []             next slot to write
-    .../attn/{key,value}                      [B, C, K, H]   self-attention keys/values
-    .../cross_attn/{key,value}                [B, S, K, H]   the encoder's keys/values (T5Gemma)
+    .../attn/{key,value}                      [B, K, C, H]   self-attention keys/values
+    .../cross_attn/{key,value}                [B, K, S, H]   the encoder's keys/values (T5Gemma)
 
 Under a scanned stack (`layers/{local,global}`), the layers' leaves have a leading layer axis.
 This module names each leaf's logical axes (so the cache shards by the same rules table as the
@@ -24,8 +24,8 @@ Array = jax.Array
 Cache = Any  # Nested dict of arrays, as returned by `apply(..., mutable=["cache"])`.
 
 _AXES = {
-    "key": ("batch", "length", "kv_heads", "head_dim"),
-    "value": ("batch", "length", "kv_heads", "head_dim"),
+    "key": ("batch", "kv_heads", "length", "head_dim"),
+    "value": ("batch", "kv_heads", "length", "head_dim"),
     "segment_ids": ("batch", "length"),
     "positions": ("batch", "length"),
     "index": (),

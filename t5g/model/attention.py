@@ -5,7 +5,7 @@ mask is applied; the softmax runs in float32. Cross-attention keys/values read t
 width (`kv_dim`), which may differ from the decoder's.
 
 Decoding (`cache_length > 0`) keeps keys and values in the `cache` collection. Self-attention
-appends each call's keys/values at slot `index` of a [B, cache_length, K, H] buffer and attends
+appends each call's keys/values at slot `index` of a [B, K, cache_length, H] buffer and attends
 over all slots; the caller's mask (t5g/model/masks.py `CacheSlots`) hides empty slots and,
 in local layers, keys outside the window. The cache is full-length, not a ring buffer of W
 slots: generated sequences are far shorter than the window (4096 in every preset), where a ring
@@ -86,43 +86,52 @@ class Attention(nn.Module):
       key = apply_rope(key, kv_positions, cfg.rope_base)
     q = constrain(q * jnp.asarray(cfg.query_scale, self.dtype),
                   ("batch", "length", "heads", "head_dim"))
-    if self.cache_length:
+    if self.cache_length:  # The cache holds [B, K, S, H] (see `_cached`).
       key, value = self._cached(key, value)
-    key = constrain(key, ("batch", "length", "kv_heads", "head_dim"))
-    value = constrain(value, ("batch", "length", "kv_heads", "head_dim"))
+      kv_axes, kv_spec = ("batch", "kv_heads", "length", "head_dim"), "bksh"
+    else:
+      kv_axes, kv_spec = ("batch", "length", "kv_heads", "head_dim"), "bskh"
+    key, value = constrain(key, kv_axes), constrain(value, kv_axes)
 
     b, t = q.shape[:2]
     q = q.reshape(b, t, k, n // k, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, key, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(f"btkgh,{kv_spec}->bkgts", q, key, preferred_element_type=jnp.float32)
     logits = softcap(logits, cfg.attn_logit_softcap)
     logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    encoded = jnp.einsum("bkgts,bskh->btkgh", probs, value).reshape(b, t, n, h)
+    encoded = jnp.einsum(f"bkgts,{kv_spec}->btkgh", probs, value).reshape(b, t, n, h)
     # A query with no visible key (e.g. an all-padding encoder input) reads zeros, as in
     # Google's reference, rather than an average of padding.
     encoded = jnp.where(mask.any(axis=-1)[:, :, None, None], encoded, 0)
     encoded = constrain(encoded, ("batch", "length", "heads", "head_dim"))
-    return jnp.einsum("btnh,nhd->btd", encoded, o_w.astype(self.dtype))
+    # o_proj as one [N·H, D] matrix (a free reshape): contracting (n, h) as two axes made
+    # XLA:CPU copy the weight to [H, N, D] on every call.
+    return jnp.einsum("btf,fd->btd", encoded.reshape(b, t, n * h),
+                      o_w.astype(self.dtype).reshape(n * h, -1))
 
   def _cached(self, key: Array | None, value: Array | None) -> tuple[Array, Array]:
-    """Decoding: (keys, values) to attend over, [B, S, K, H], from the `cache` collection.
+    """Decoding: (keys, values) to attend over, [B, K, S, H], from the `cache` collection.
 
-    Self-attention writes this call's [B, T, K, H] at slot `index` of the cache_length slots
-    and advances `index` by T. Cross-attention stores the encoder's keys/values when given
-    (None: reads them back).
+    Self-attention writes this call's keys/values [B, T, K, H] at slot `index` of the
+    cache_length slots and advances `index` by T. Cross-attention stores the encoder's
+    keys/values when given (None: reads them back). The cache keeps [B, K, S, H], the layout the
+    attention products read, so that no step re-lays it out (XLA:CPU copied every layer's cache,
+    the unchanging cross-attention ones included, on every step in the [B, S, K, H] layout).
     """
+    if key is not None:
+      key, value = key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3)
     if self.kv_dim is not None:
       cached_key = self.variable("cache", "key", lambda: key)
       cached_value = self.variable("cache", "value", lambda: value)
       if key is not None:
         cached_key.value, cached_value.value = key, value
       return cached_key.value, cached_value.value
-    b, t, k, h = key.shape
-    shape = (b, self.cache_length, k, h)
+    b, k, t, h = key.shape
+    shape = (b, k, self.cache_length, h)
     cached_key = self.variable("cache", "key", jnp.zeros, shape, key.dtype)
     cached_value = self.variable("cache", "value", jnp.zeros, shape, value.dtype)
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-    start = (0, index.value, 0, 0)
+    start = (0, 0, index.value, 0)
     cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
     cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
     index.value = index.value + t

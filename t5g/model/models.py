@@ -49,10 +49,20 @@ class Gemma2(nn.Module):
   def __call__(self, decoder_input_tokens: Array, decoder_segment_ids: Array | None = None,
                decoder_positions: Array | None = None) -> Array:
     """Tokens [B, T] -> float32 logits [B, T, V]."""
+    hidden, _ = self.hidden_and_table(decoder_input_tokens, decoder_segment_ids,
+                                      decoder_positions)
+    return self.transformer.logits(hidden)
+
+  def hidden_and_table(self, decoder_input_tokens: Array,
+                       decoder_segment_ids: Array | None = None,
+                       decoder_positions: Array | None = None) -> tuple[Array, Array]:
+    """The forward up to the output head: tokens [B, T] -> (final-normed states [B, T, D] in
+    the compute dtype, the tied embedding table [V, D]); `__call__`'s logits are the soft-capped
+    states · tableᵀ (`t5g.train.chunked_loss` projects them a chunk at a time)."""
     segments, positions = _segments_and_positions(decoder_input_tokens, decoder_segment_ids,
                                                   decoder_positions)
     hidden = self.transformer(decoder_input_tokens, segments, positions)
-    return self.transformer.logits(hidden)
+    return hidden, self.transformer.embedder.embedding
 
   def step(self, tokens: Array, segment_ids: Array, positions: Array) -> Array:
     """Decoding: appends tokens [B, T] (segment ids and positions [B, T]) to the cache;
@@ -85,11 +95,15 @@ class T5Gemma(nn.Module):
              decoder_segment_ids: Array | None = None,
              decoder_positions: Array | None = None) -> Array:
     """Encoder states [B, S, De] and decoder input tokens [B, T] -> float32 logits [B, T, V]."""
+    return self.decoder.logits(self._decoded(encoded, encoder_segment_ids, decoder_input_tokens,
+                                             decoder_segment_ids, decoder_positions))
+
+  def _decoded(self, encoded, encoder_segment_ids, decoder_input_tokens, decoder_segment_ids,
+               decoder_positions) -> Array:
+    """Final-normed decoder states [B, T, D] (arguments as `decode`)."""
     segments, positions = _segments_and_positions(decoder_input_tokens, decoder_segment_ids,
                                                   decoder_positions)
-    hidden = self.decoder(decoder_input_tokens, segments, positions, encoded,
-                          encoder_segment_ids)
-    return self.decoder.logits(hidden)
+    return self.decoder(decoder_input_tokens, segments, positions, encoded, encoder_segment_ids)
 
   def step(self, encoded: Array | None, encoder_segment_ids: Array, tokens: Array,
            segment_ids: Array, positions: Array) -> Array:
@@ -104,11 +118,26 @@ class T5Gemma(nn.Module):
                encoder_positions: Array | None = None,
                decoder_positions: Array | None = None) -> Array:
     """Teacher-forced forward: tokens [B, S] and [B, T] -> float32 logits [B, T, V]."""
+    hidden, _ = self.hidden_and_table(encoder_input_tokens, decoder_input_tokens,
+                                      encoder_segment_ids, decoder_segment_ids,
+                                      encoder_positions, decoder_positions)
+    return self.decoder.logits(hidden)
+
+  def hidden_and_table(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
+                       encoder_segment_ids: Array | None = None,
+                       decoder_segment_ids: Array | None = None,
+                       encoder_positions: Array | None = None,
+                       decoder_positions: Array | None = None) -> tuple[Array, Array]:
+    """The teacher-forced forward up to the output head: tokens [B, S] and [B, T] ->
+    (final-normed decoder states [B, T, D] in the compute dtype, the decoder's tied embedding
+    table [V, D]); `__call__`'s logits are the soft-capped states · tableᵀ
+    (`t5g.train.chunked_loss` projects them a chunk at a time)."""
     if encoder_segment_ids is None:
       encoder_segment_ids = segments_from_tokens(encoder_input_tokens)
     encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions)
-    return self.decode(encoded, encoder_segment_ids, decoder_input_tokens, decoder_segment_ids,
-                       decoder_positions)
+    hidden = self._decoded(encoded, encoder_segment_ids, decoder_input_tokens,
+                           decoder_segment_ids, decoder_positions)
+    return hidden, self.decoder.embedder.embedding
 
 
 def make_model(config: ModelConfig, compute: ComputeConfig = ComputeConfig(),

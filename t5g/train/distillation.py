@@ -6,7 +6,8 @@ reads the whole sequence as it was trained to, BOS p_1..p_n t_1..t_{m-1}, and it
 t_i is its output at p_n (i = 1) or t_{i-1}: index n + i - 1. `teacher_inputs` builds that
 sequence for every segment of a packed or padded row (segment k occupies n_k + m_k teacher
 positions, in order), and `teacher_logits` runs the teacher and returns its logits aligned with
-the decoder targets [B, T, V]. The teacher length is S + T, enough for any row.
+the decoder targets [B, T, V] (`teacher_hidden`: its states there, for the chunked head). The
+teacher length is S + T, enough for any row.
 """
 
 from __future__ import annotations
@@ -81,19 +82,35 @@ def teacher_inputs(batch: Mapping[str, Array]) -> dict[str, Array]:
           "target_index": target_index.astype(jnp.int32)}
 
 
+def _at_targets(teacher: nn.Module, teacher_params: Any, batch: Mapping[str, Array], head):
+  """head(teacher's Stack, its final-normed states [B, T, Dt] at the target positions of
+  `batch`), applied with the teacher's parameters."""
+  inputs = teacher_inputs(batch)
+  index = inputs.pop("target_index")
+
+  def aligned(model, tokens, segments, positions):
+    hidden = model.transformer(tokens, segments, positions)
+    return head(model.transformer, jnp.take_along_axis(hidden, index[..., None], axis=1))
+
+  return teacher.apply({"params": teacher_params}, inputs["decoder_input_tokens"],
+                       inputs["decoder_segment_ids"], inputs["decoder_positions"],
+                       method=aligned)
+
+
 def teacher_logits(teacher: nn.Module, teacher_params: Any, batch: Mapping[str, Array]
                    ) -> Array:
   """The teacher's float32 logits for each decoder target of `batch`: [B, T, V].
 
   Only the target positions are projected onto the vocabulary.
   """
-  inputs = teacher_inputs(batch)
-  index = inputs.pop("target_index")
+  return _at_targets(teacher, teacher_params, batch, lambda stack, hidden: stack.logits(hidden))
 
-  def aligned(model, tokens, segments, positions):
-    hidden = model.transformer(tokens, segments, positions)
-    return model.transformer.logits(jnp.take_along_axis(hidden, index[..., None], axis=1))
 
-  return teacher.apply({"params": teacher_params}, inputs["decoder_input_tokens"],
-                       inputs["decoder_segment_ids"], inputs["decoder_positions"],
-                       method=aligned)
+def teacher_hidden(teacher: nn.Module, teacher_params: Any, batch: Mapping[str, Array]
+                   ) -> tuple[Array, Array]:
+  """The teacher's output head inputs for each decoder target of `batch`: (final-normed states
+  [B, T, Dt] in its compute dtype, its tied embedding table [V, Dt]); `teacher_logits` is the
+  soft-capped states · tableᵀ. For `t5g.train.chunked_loss`, which projects a chunk at a time.
+  """
+  return _at_targets(teacher, teacher_params, batch,
+                     lambda stack, hidden: (hidden, stack.embedder.embedding))

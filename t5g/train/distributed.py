@@ -12,7 +12,12 @@ joins (and says why); `initialize` does it. In order:
    step's first node, at port `T5G_COORDINATOR_PORT` or one derived from the job id (as JAX
    does); one process per task (`SLURM_STEP_NUM_TASKS`, `SLURM_PROCID`). A task that sees
    several GPUs uses GPU number `SLURM_LOCALID` of them.
-5. Otherwise a single process: nothing to initialise.
+5. A multi-host TPU slice on GKE (`TPU_PROCESS_ADDRESSES` or `TPU_WORKER_HOSTNAMES` naming
+   several hosts, as GKE's TPU webhook sets them) or several slices (`MEGASCALE_COORDINATOR_ADDRESS`):
+   `jax.distributed.initialize()` detects the rest, as with `--distributed`. A TPU VM slice
+   created with `gcloud` carries its workers in the GCE metadata, not the environment: there
+   `launch/tpu_pod.py` passes `--distributed`.
+6. Otherwise a single process: nothing to initialise.
 
 Inconsistent settings (some of a group, two explicit sources, an id out of range) are a
 ValueError naming them. CPU processes exchange data through gloo collectives.
@@ -33,6 +38,7 @@ ENV_NUM_PROCESSES = "T5G_NUM_PROCESSES"
 ENV_PROCESS_ID = "T5G_PROCESS_ID"
 ENV_PORT = "T5G_COORDINATOR_PORT"
 LAUNCHER_VARIABLES = (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)
+TPU_HOST_LIST_VARIABLES = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
 SLURM_STEP_VARIABLES = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_STEP_NUM_TASKS",
                         "SLURM_PROCID", "SLURM_LOCALID")
 
@@ -104,6 +110,17 @@ def _slurm(env: Mapping[str, str]) -> Plan | None:
               _int(env["SLURM_PROCID"], "SLURM_PROCID"), local)
 
 
+def _tpu_cluster(env: Mapping[str, str]) -> Plan | None:
+  """The plan of a GKE multi-host TPU slice or a multi-slice run; None otherwise."""
+  if "MEGASCALE_COORDINATOR_ADDRESS" in env:
+    return Plan("auto", "MEGASCALE_COORDINATOR_ADDRESS: a multi-slice TPU run")
+  for name in TPU_HOST_LIST_VARIABLES:
+    hosts = [host for host in env.get(name, "").split(",") if host.strip()]
+    if len(hosts) > 1:
+      return Plan("auto", f"{name} names {len(hosts)} TPU hosts")
+  return None
+
+
 def detect(env: Mapping[str, str], coordinator_address: str | None = None,
            num_processes: int | None = None, process_id: int | None = None,
            auto: bool = False) -> Plan:
@@ -137,7 +154,10 @@ def detect(env: Mapping[str, str], coordinator_address: str | None = None,
   slurm = _slurm(env)
   if slurm is not None:
     return _checked(slurm)
-  return Plan("single", "no flags, launcher variables or multi-task Slurm step")
+  tpu = _tpu_cluster(env)
+  if tpu is not None:
+    return tpu
+  return Plan("single", "no flags, launcher variables, multi-task Slurm step or TPU host list")
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -16,6 +16,10 @@ each PrefixLM example (`t5g.train.distillation`).
 The encoder-only classifier (`t5g.model.classifier`) has one loss term per example instead:
 ℓ = CE(label smoothing) + z_loss · log_z² over its class logits, w = 1 for a labelled example
 (label ≥ 0) and 0 otherwise; `accuracy` and `tokens` then count examples.
+
+`LossConfig.logits_chunk_length` > 0 computes the output head of T5Gemma and Gemma 2 a chunk of
+positions at a time, gradients included (`t5g.train.chunked_loss`): the [B, T, V] logits are
+never materialised; same sums and gradients up to float rounding.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import jax.numpy as jnp
 import optax
 
 from t5g.model.classifier import EncoderClassifier
-from t5g.train import distillation, losses
+from t5g.model.models import T5Gemma
+from t5g.train import chunked_loss, distillation, losses
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -42,12 +47,16 @@ _SUMS = ("loss", "cross_entropy", "z_loss", "kd_loss", "accuracy")
 class LossConfig:
   """z_loss: weight of log_z²; label_smoothing: mass spread over the other tokens; kd_weight:
   share of the distillation loss (needs a teacher; 0 = ground truth only); kd_temperature: the
-  softmax temperature of both distributions in the distillation loss."""
+  softmax temperature of both distributions in the distillation loss; logits_chunk_length:
+  decoder positions per chunk of the vocabulary-tiled output head (`t5g.train.chunked_loss`:
+  only [B, chunk, V] logits alive at a time, for T5Gemma and Gemma 2; the encoder-only
+  classifier ignores it), 0 = materialise the [B, T, V] logits."""
 
   z_loss: float = 0.0
   label_smoothing: float = 0.0
   kd_weight: float = 0.0
   kd_temperature: float = 1.0
+  logits_chunk_length: int = 0
 
   def __post_init__(self):
     for name in ("z_loss", "label_smoothing", "kd_weight"):
@@ -55,6 +64,9 @@ class LossConfig:
         raise ValueError(f"LossConfig.{name}={getattr(self, name)!r}: must be in [0, 1]")
     if self.kd_temperature <= 0:
       raise ValueError(f"LossConfig.kd_temperature={self.kd_temperature!r}: must be positive")
+    if self.logits_chunk_length < 0:
+      raise ValueError(f"LossConfig.logits_chunk_length={self.logits_chunk_length!r}: must be "
+                       "0 (materialised logits) or a positive number of positions")
 
 
 class StepState(NamedTuple):
@@ -81,6 +93,8 @@ def model_inputs(batch: Batch) -> dict[str, Array]:
 def loss_sums(params: Any, batch: Batch, model: nn.Module, config: LossConfig,
               teacher: Teacher | None) -> tuple[Array, dict[str, Array]]:
   """(Σ w·ℓ, sums of each loss term, of correct predictions and of w) over `batch`."""
+  if config.logits_chunk_length and not isinstance(model, EncoderClassifier):
+    return _chunked_loss_sums(params, batch, model, config, teacher)
   logits = model.apply({"params": params}, **model_inputs(batch))
   if isinstance(model, EncoderClassifier):  # logits [B, C], one label per row
     targets = jnp.maximum(batch["label"], 0)
@@ -100,6 +114,25 @@ def loss_sums(params: Any, batch: Batch, model: nn.Module, config: LossConfig,
   sums = {name: jnp.sum(value * weights) for name, value in sums.items()}
   sums["weight"] = jnp.sum(weights)
   return sums["loss"], sums
+
+
+def _chunked_loss_sums(params: Any, batch: Batch, model: nn.Module, config: LossConfig,
+                       teacher: Teacher | None) -> tuple[Array, dict[str, Array]]:
+  """`loss_sums` of a T5Gemma or Gemma 2 with the vocabulary-tiled output head."""
+  hidden, table = model.apply({"params": params}, **model_inputs(batch),
+                              method="hidden_and_table")
+  teacher_head = None
+  if teacher is not None:
+    teacher_hidden, teacher_table = distillation.teacher_hidden(teacher.model, teacher.params,
+                                                                batch)
+    teacher_head = chunked_loss.TeacherHead(teacher_hidden, teacher_table,
+                                            teacher.model.config.final_logit_softcap)
+  decoder = model.config.decoder if isinstance(model, T5Gemma) else model.config
+  return chunked_loss.chunked_loss_sums(
+      hidden, table, batch["decoder_target_tokens"], batch["decoder_loss_weights"],
+      chunk_length=config.logits_chunk_length, final_softcap=decoder.final_logit_softcap,
+      label_smoothing=config.label_smoothing, z_loss=config.z_loss, kd_weight=config.kd_weight,
+      kd_temperature=config.kd_temperature, teacher=teacher_head)
 
 
 def _microbatches(batch: Batch, num: int) -> dict[str, Array]:
