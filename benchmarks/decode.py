@@ -18,6 +18,11 @@ this machine's bound for one step, max(bytes / bandwidth, FLOPs / matmul peak):
           states (2 * 2 * batch * heads * head_dim * (T + S) per layer);
 bandwidth: best jitted float32 sum over 512 MiB (common.memory_bandwidth_gbps); peak: best
 jitted fp32 4096^3 matmul (t5g.train.flops.measure_matmul_peak). Printed: bound / step.
+
+The head alone: the step's output projection, [batch, D] x [D, vocab] float32, timed by itself
+(best of 5) as a jitted XLA dot and as a torch (BLAS) matmul on the same table; its time is a
+floor under any step that computes the logits, and bound / head says how much of the bound that
+floor alone takes up.
 """
 
 from __future__ import annotations
@@ -59,6 +64,21 @@ def step_bound(config: EncoderDecoderConfig, batch: int, input_len: int, new_tok
   return max(memory, compute), memory, compute
 
 
+def head_alone_seconds(table: np.ndarray, batch: int, repeats: int = 5) -> tuple[float, float]:
+  """Best seconds of [batch, D] x [D, V] against `table` [V, D] float32: (jitted XLA, torch)."""
+  import torch
+  hidden = np.random.RandomState(0).randn(batch, table.shape[1]).astype(np.float32)
+  project = jax.jit(lambda h, t: jax.numpy.einsum("bd,vd->bv", h, t))
+  h_jax, t_jax = jax.numpy.asarray(hidden), jax.numpy.asarray(table)
+  project(h_jax, t_jax).block_until_ready()
+  h_torch, t_torch = torch.from_numpy(hidden), torch.from_numpy(table)
+  with torch.no_grad():
+    ours = min(seconds(lambda: project(h_jax, t_jax).block_until_ready())
+               for _ in range(repeats))
+    theirs = min(seconds(lambda: h_torch @ t_torch.T) for _ in range(repeats))
+  return ours, theirs
+
+
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--preset", default="t5gemma-s-s")
@@ -81,6 +101,7 @@ def main() -> None:
     del params
     export_checkpoint(os.path.join(tmp, "t5g"), os.path.join(tmp, "hf"), verify=False)
     loaded = model_dir.load(os.path.join(tmp, "t5g"))
+    table = np.array(loaded.params["decoder"]["embedder"]["embedding"], np.float32)  # writable
     hf = transformers.T5GemmaForConditionalGeneration.from_pretrained(
         os.path.join(tmp, "hf"), attn_implementation="eager", dtype=torch.float32).eval()
   hf.generation_config.eos_token_id = None
@@ -110,6 +131,10 @@ def main() -> None:
           f"{t_theirs / t_ours:.2f}x; step {step * 1e3:.1f} ms vs bound {bound * 1e3:.1f} ms "
           f"(memory {memory * 1e3:.1f}, compute {compute * 1e3:.1f}): bound / step = "
           f"{bound / step:.0%}; load {os.getloadavg()[0]:.2f}")
+    head_xla, head_torch = head_alone_seconds(table, batch)
+    print(f"batch {batch}: head alone {head_xla * 1e3:.1f} ms (XLA), {head_torch * 1e3:.1f} ms "
+          f"(torch): bound / head = {bound / head_xla:.0%} (XLA), {bound / head_torch:.0%} "
+          f"(torch); load {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

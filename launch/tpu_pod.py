@@ -10,7 +10,7 @@ Two steps, each one `gcloud ... ssh --worker=all --command=...` so every worker 
    `--workdir` (relative to the home directory), make `WORKDIR/.venv` and `pip install -e .`
    with `jax[tpu]==<this jax's version>` (which pins the matching libtpu).
 2. run: `cd WORKDIR`, export the `--env` variables, then `.venv/bin/t5g COMMAND`; for `train`
-   `--distributed` is added, so that jax.distributed finds the workers itself from the TPU
+   and `eval` `--distributed` is added, so that jax.distributed finds the workers itself from the TPU
    metadata (t5g/train/distributed.py).
 
 Slices. One `--tpu`: a single slice. Multi-slice (the mesh's `dcn_*` sizes), two ways:
@@ -38,6 +38,7 @@ import sys
 from typing import Sequence
 
 MEGASCALE_PORT = 8080
+JOINED_COMMANDS = ("train", "eval")  # t5g commands that join the workers (jax.distributed)
 
 
 def _gcloud_target(args: argparse.Namespace, tpu: str | None) -> list[str]:
@@ -67,7 +68,7 @@ def install_script(repo: str, ref: str, workdir: str, jax_version: str) -> str:
 def run_script(command: Sequence[str], workdir: str, env: Sequence[str]) -> str:
   """The shell run on every worker to run `t5g COMMAND` with `env` (KEY=VALUE) exported."""
   command = list(command)
-  if command[:1] == ["train"] and "--distributed" not in command:
+  if command[:1] and command[0] in JOINED_COMMANDS and "--distributed" not in command:
     command.append("--distributed")
   exports = [f"export {shlex.quote(item)}" for item in env]
   return " && ".join([f"cd {shlex.quote(workdir)}", *exports,

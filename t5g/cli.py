@@ -8,18 +8,22 @@
     t5g average --checkpoint=T5G_DIR --last=N --output=T5G_DIR
     t5g score  --checkpoint=T5G_DIR [--step=N] --input=IN.jsonl --output=OUT.jsonl
                [--vocabulary=tokenizer.model] [--batch_size=8]
+               (T5Gemma, Gemma 2: target log-likelihoods; a classifier: class log-probs)
     t5g train  --gin_file=F [--gin_file=F2 ...] [--gin.NAME=VALUE ...] [--gin_bindings="..."]
                [--coordinator_address=H:P --num_processes=N --process_id=I | --distributed]
     t5g generate   --checkpoint=T5G_DIR --input=IN.jsonl --output=OUT.jsonl [...]
-    t5g eval       --gin_file=F [--gin.NAME=VALUE ...]
+    t5g eval       --gin_file=F [--gin.NAME=VALUE ...] [the distributed flags of train]
     t5g precompile --gin_file=F --topology=v5p:4x4x4 [--gin.NAME=VALUE ...]
 
 The last three live beside the code they run (`EXTERNAL_COMMANDS`); each of those modules has
 `HELP`, `add_arguments(parser)` and `run(args)`, and imports its heavy dependencies in `run`.
 
 SRC is a Hugging Face folder, a t5g checkpoint directory or a Google Flax/Orbax checkpoint
-(FLAT or NESTED), detected from its files. Errors in the input (a path, a key, a shape) end
-the command with a one-line message and exit status 2; nothing is left half-written.
+(FLAT or NESTED), detected from its files. `import`, `export` and `score` handle Gemma 2,
+T5Gemma and the encoder-only classifier (in HF: an encoder-only
+T5GemmaForSequenceClassification; Google checkpoints hold no classifiers). Errors in the input
+(a path, a key, a shape) end the command with a one-line message and exit status 2; nothing is
+left half-written.
 """
 
 from __future__ import annotations
@@ -93,8 +97,9 @@ def _cmd_score(args) -> None:
   from t5g import scoring
   from t5g.atomic_file import atomic_write
   from t5g.checkpoints import model_dir
-  examples = scoring.read_examples(args.input, args.vocabulary)
-  loaded = model_dir.load(args.checkpoint, args.step)
+  config, _, step = model_dir.read_model(args.checkpoint, args.step)
+  examples = scoring.read_examples(args.input, args.vocabulary, config)
+  loaded = model_dir.load(args.checkpoint, step)
   with atomic_write(args.output) as f:
     for record in scoring.score(loaded.params, loaded.config, examples, args.batch_size,
                                 loaded.scanned):
@@ -104,8 +109,7 @@ def _cmd_score(args) -> None:
 
 def _cmd_train(args) -> None:
   from t5g.train import distributed, gin_config, trainer
-  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
-                         auto=args.distributed)
+  distributed.initialize_from_args(args)
   gin_config.parse(args.gin_file, gin_config.flag_bindings(args.gin_flags, args.gin_bindings))
   metrics = trainer.train()
   if metrics:
@@ -114,6 +118,7 @@ def _cmd_train(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
   """The argument parser with all sub-commands."""
+  from t5g.train import distributed  # Its flags; JAX is imported only when it initialises.
   parser = argparse.ArgumentParser(prog="t5g", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
 
@@ -151,12 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--output", required=True)
   p.set_defaults(fn=_cmd_average)
 
-  p = sub.add_parser("score", help="teacher-forced target log-probs for a jsonl file")
+  p = sub.add_parser("score", help="teacher-forced target log-probs (a classifier: class "
+                     "log-probs) for a jsonl file")
   p.add_argument("--checkpoint", required=True)
   p.add_argument("--step", type=int)
   p.add_argument("--input", required=True)
   p.add_argument("--output", required=True)
-  p.add_argument("--vocabulary", help="SentencePiece model, for text inputs/targets")
+  p.add_argument("--vocabulary", help="SentencePiece model, for text inputs/targets (a "
+                 "classifier: EOS is appended to inputs)")
   p.add_argument("--batch_size", type=int, default=8)
   p.set_defaults(fn=_cmd_score)
 
@@ -164,11 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--gin_file", action="append", default=[], required=True)
   p.add_argument("--gin_bindings", action="append", default=[],
                  help="a whole gin line, e.g. \"TRAIN_STEPS = 100\"")
-  p.add_argument("--coordinator_address")
-  p.add_argument("--num_processes", type=int)
-  p.add_argument("--process_id", type=int)
-  p.add_argument("--distributed", action="store_true",
-                 help="jax.distributed.initialize() with auto-detection (TPU pods, Slurm)")
+  distributed.add_arguments(p)
   p.set_defaults(fn=_cmd_train, gin_flags=[])
 
   for name, module_name in EXTERNAL_COMMANDS.items():

@@ -1,37 +1,51 @@
-"""`t5g score`: teacher-forced log-likelihood of targets given inputs, from a jsonl file.
+"""`t5g score`: teacher-forced log-likelihood of targets given inputs, or a classifier's class
+log-probabilities, from a jsonl file.
 
-Each input line holds `inputs` and `targets`, as lists of token ids or as text (text needs a
-SentencePiece vocabulary; it is encoded without BOS/EOS). T5Gemma: the encoder reads `inputs`,
-the decoder starts from BOS and predicts every target token. Gemma 2: the sequence
-[BOS] + inputs + targets is scored on the target tokens only.
+T5Gemma and Gemma 2: each input line holds `inputs` and `targets`, as lists of token ids or as
+text (text needs a SentencePiece vocabulary; it is encoded without BOS/EOS). T5Gemma: the
+encoder reads `inputs`, the decoder starts from BOS and predicts every target token. Gemma 2:
+the sequence [BOS] + inputs + targets is scored on the target tokens only.
+
+Encoder-only classifier: each line holds `inputs` (token ids or text, as above, WITHOUT EOS)
+and optionally `label`, an int class index. EOS is appended to every input, as the
+classification tasks do in training (`t5g.data.classification_tasks`: text tokens + EOS, the
+head reading that EOS's encoder state), so token ids must not already end with EOS.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from t5g.model.config import BOS_ID, PAD_ID, ComputeConfig, EncoderDecoderConfig, ModelConfig
+from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, ClassifierConfig, ComputeConfig,
+                              EncoderDecoderConfig, ModelConfig)
 from t5g.model.models import make_model
 
 BUCKET = 32  # Lengths are padded up to a multiple of this, to bound recompilation.
 
 
 class Example(NamedTuple):
-  """One line of the input file and its token ids."""
+  """One line of the input file and its token ids (a classifier's: inputs + EOS, no targets,
+  the label or None)."""
 
   record: dict[str, Any]
   inputs: list[int]
   targets: list[int]
+  label: int | None = None
 
 
-def read_examples(path: str, vocabulary_path: str | None = None) -> list[Example]:
-  """Parses the jsonl file; errors name the file, line and field at fault."""
+def read_examples(path: str, vocabulary_path: str | None = None,
+                  config: ModelConfig | None = None) -> list[Example]:
+  """Parses the jsonl file; errors name the file, line and field at fault.
+
+  config: the model scored; a ClassifierConfig reads classifier lines (`inputs`, optional
+  `label`), anything else (or None) lines with `inputs` and `targets`.
+  """
   encode = None
   if vocabulary_path:
     import sentencepiece as spm
@@ -42,27 +56,58 @@ def read_examples(path: str, vocabulary_path: str | None = None) -> list[Example
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
+      where = f"{path}:{number}"
       try:
         record = json.loads(line)
       except ValueError:
-        raise ValueError(f"{path}:{number}: not valid JSON") from None
-      ids = {}
-      for field in ("inputs", "targets"):
-        value = record.get(field)
-        if isinstance(value, str):
-          if encode is None:
-            raise ValueError(f"{path}:{number}: {field!r} is text; pass --vocabulary")
-          ids[field] = encode(value)
-        elif isinstance(value, list) and all(isinstance(t, int) for t in value):
-          ids[field] = value
-        else:
-          raise ValueError(f"{path}:{number}: {field!r} must be a list of token ids or text")
-      if not ids["targets"]:
-        raise ValueError(f"{path}:{number}: 'targets' is empty")
-      examples.append(Example(record, ids["inputs"], ids["targets"]))
+        raise ValueError(f"{where}: not valid JSON") from None
+      if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+      if isinstance(config, ClassifierConfig):
+        examples.append(_classifier_example(record, encode, config, where))
+        continue
+      inputs, targets = (_token_ids(record, field, encode, where)
+                         for field in ("inputs", "targets"))
+      if not targets:
+        raise ValueError(f"{where}: 'targets' is empty")
+      examples.append(Example(record, inputs, targets))
   if not examples:
     raise ValueError(f"{path}: no examples")
   return examples
+
+
+def _token_ids(record: dict[str, Any], field: str, encode: Callable | None,
+               where: str) -> list[int]:
+  value = record.get(field)
+  if isinstance(value, str):
+    if encode is None:
+      raise ValueError(f"{where}: {field!r} is text; pass --vocabulary")
+    return encode(value)
+  if isinstance(value, list) and all(isinstance(t, int) for t in value):
+    return value
+  raise ValueError(f"{where}: {field!r} must be a list of token ids or text")
+
+
+def _classifier_example(record: dict[str, Any], encode: Callable | None,
+                        config: ClassifierConfig, where: str) -> Example:
+  """A classifier line: its input ids + EOS and its label (None when the line has none)."""
+  inputs = _token_ids(record, "inputs", encode, where)
+  if not inputs:
+    raise ValueError(f"{where}: 'inputs' is empty")
+  vocab = config.encoder.vocab_size
+  bad = [t for t in inputs if not 0 < t < vocab]
+  if bad:
+    raise ValueError(f"{where}: 'inputs' has token id {bad[0]} outside [1, {vocab}) (0 is "
+                     "padding)")
+  if inputs[-1] == EOS_ID:
+    raise ValueError(f"{where}: 'inputs' ends with EOS (id {EOS_ID}); give the text's tokens "
+                     "only: t5g score appends EOS, as the classification tasks do")
+  label = record.get("label")
+  if "label" in record and (isinstance(label, bool) or not isinstance(label, int)
+                            or not 0 <= label < config.num_classes):
+    raise ValueError(f"{where}: 'label' must be an int in [0, {config.num_classes}), got "
+                     f"{label!r}")
+  return Example(record, inputs + [EOS_ID], [], label)
 
 
 def _pad(rows: list[list[int]], length: int) -> np.ndarray:
@@ -90,13 +135,33 @@ def _token_log_probs(model, params, inputs, targets, weights):
   return picked * weights
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _class_log_probs(model, params, inputs):
+  """Right-padded inputs [B, S] -> float32 class log-probabilities [B, C]."""
+  return jax.nn.log_softmax(model.apply({"params": params}, inputs), axis=-1)
+
+
+def _classify(model, params, batch: list[Example]) -> Iterator[dict[str, Any]]:
+  inputs = _pad([e.inputs for e in batch], _bucket(max(len(e.inputs) for e in batch)))
+  for row, example in zip(np.asarray(_class_log_probs(model, params, inputs)), batch):
+    out = {**example.record, "class_log_probs": row.tolist(), "prediction": int(np.argmax(row))}
+    if example.label is not None:
+      out["log_likelihood"] = float(row[example.label])
+    yield out
+
+
 def score(params, config: ModelConfig, examples: Iterable[Example], batch_size: int = 8,
           scanned: bool = False) -> Iterator[dict[str, Any]]:
-  """Yields each record with `token_log_probs` (one per target token) and `log_likelihood`."""
+  """Yields each record with, for T5Gemma and Gemma 2, `token_log_probs` (one per target token)
+  and `log_likelihood` (their sum); for a classifier, `class_log_probs` [C], `prediction` (the
+  argmax class) and, when the record has a `label`, `log_likelihood` = log p(label)."""
   model = make_model(config, ComputeConfig(jnp.float32, jnp.float32, scan_layers=scanned))
   examples = list(examples)
   for start in range(0, len(examples), batch_size):
     batch = examples[start:start + batch_size]
+    if isinstance(config, ClassifierConfig):
+      yield from _classify(model, params, batch)
+      continue
     if isinstance(config, EncoderDecoderConfig):
       inputs = _pad([e.inputs for e in batch], _bucket(max(len(e.inputs) for e in batch)))
       length = _bucket(max(len(e.targets) for e in batch))

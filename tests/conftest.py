@@ -55,3 +55,12 @@ def hf_t5gemma_imported(hf_t5gemma_dir, tmp_path_factory):
   ckpt = str(tmp_path_factory.mktemp("hf_t5gemma_imported") / "t5g")
   assert cli.main(["import", f"--input={hf_t5gemma_dir}", f"--output={ckpt}"]) == 0
   return ckpt
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_checkpoint(tmp_path_factory):
+  """A random 3-class encoder-only classifier t5g checkpoint (3-layer encoder, so scanned has a
+  final_local_layer; step 0, scanned), with random norm scales and head bias, read-only."""
+  from tests import hf_models
+  return hf_models.tiny_classifier_checkpoint(
+      str(tmp_path_factory.mktemp("tiny_classifier") / "ckpt"))

@@ -56,6 +56,29 @@ def tiny_gemma2_wide(seed=2):
   return _spice(transformers.Gemma2ForCausalLM(config), seed)
 
 
+def tiny_classifier(seed=3, num_labels=3):
+  """Encoder-only T5GemmaForSequenceClassification: 3 layers x 64 (2 KV heads), non-zero score
+  bias."""
+  torch.manual_seed(seed)
+  fields = _module_fields(3, 64, 128, 4, 2, 16)
+  config = transformers.T5GemmaConfig(
+      encoder=T5GemmaModuleConfig(**fields), decoder=T5GemmaModuleConfig(**fields),
+      vocab_size=VOCAB, num_labels=num_labels, attn_implementation="eager")
+  model = transformers.T5GemmaForSequenceClassification(config, is_encoder_decoder=False)
+  with torch.no_grad():
+    model.score.out_proj.bias.copy_(torch.randn(num_labels) * 0.5)
+  return _spice(model, seed)
+
+
+def classifier_logits(folder, tokens):
+  """transformers class logits [B, C] (numpy) of a classifier folder for right-padded rows."""
+  model = transformers.T5GemmaForSequenceClassification.from_pretrained(
+      folder, attn_implementation="eager", dtype=torch.float32).eval()
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(tokens),
+                 attention_mask=torch.tensor(tokens != 0).long()).logits.numpy()
+
+
 def load_t5gemma(folder, encoder_window=WINDOW - 1):
   """Loads a T5Gemma folder with eager attention; the encoder window set to W - 1.
 
@@ -95,3 +118,27 @@ def random_batch(rng, lengths, max_len, first=None):
     if first is not None:
       rows[i, 0] = first
   return rows
+
+
+def tiny_classifier_checkpoint(directory, seed=0):
+  """A random 3-class t5g ClassifierConfig checkpoint (step 0, scanned) in `directory`: encoder
+  3 layers x 64 (2 KV heads); every parameter random (norm scales and head bias too, scales as
+  in `_spice`), drawn with numpy onto the traced shapes (no init to compile)."""
+  import jax
+
+  from t5g.checkpoints import model_dir
+  from t5g.model.config import ClassifierConfig, ComputeConfig, StackConfig
+  from t5g.model.models import abstract_params
+
+  config = ClassifierConfig(StackConfig(3, 64, 128, 4, 2, 16, vocab_size=VOCAB,
+                                        sliding_window=WINDOW, query_pre_attn_scalar=24), 3)
+  rng = np.random.RandomState(seed)
+  scales = {"scale": 0.5, "bias": 0.5, "embedding": 0.6, "q_proj": 0.25, "k_proj": 0.25}
+
+  def draw(path, x):
+    return (rng.normal(size=x.shape) * scales.get(path[-1].key, 0.1)).astype(np.float32)
+
+  params = jax.tree_util.tree_map_with_path(
+      draw, abstract_params(config, ComputeConfig(scan_layers=True)))
+  model_dir.save(directory, 0, params, config, scanned=True)
+  return directory

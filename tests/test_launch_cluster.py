@@ -23,8 +23,8 @@ SLURM_STEP = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[007-008,012]",
               "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
 
 
-def _dry_run(*flags: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, TPU_POD, "--dry_run", *flags, "--", *TRAIN],
+def _dry_run(*flags: str, command: list[str] = TRAIN) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, TPU_POD, "--dry_run", *flags, "--", *command],
                         capture_output=True, text=True, timeout=60)
 
 
@@ -51,6 +51,16 @@ def test_tpu_pod_dry_run_installs_then_trains_on_all_workers():
   remote = shlex.split(_remote(run).split(" && ")[-1])
   assert remote == [".venv/bin/t5g", *TRAIN, "--distributed"]
   assert "export 'LIBTPU_INIT_ARGS=-x y'" in _remote(run)
+
+
+def test_tpu_pod_eval_joins_the_workers():
+  """`t5g eval` runs on every worker with --distributed, as `t5g train` does."""
+  command = ["eval", "--gin_file=runs/eval.gin", "--gin.MODEL_DIR='gs://bucket/run'"]
+  result = _dry_run("--tpu=pod", "--zone=z", "--no_install", command=command)
+  assert result.returncode == 0, result.stderr
+  [run] = result.stdout.strip().splitlines()
+  assert shlex.split(_remote(run).split(" && ")[-1]) == [".venv/bin/t5g", *command,
+                                                          "--distributed"]
 
 
 def test_tpu_pod_multislice():

@@ -79,3 +79,50 @@ def test_text_with_a_trained_vocabulary(t5_checkpoint, tmp_path):
                    f"--vocabulary={tmp_path / 'sp.model'}")
   assert results[0]["inputs"] == "the for statement"
   assert len(results[0]["token_log_probs"]) > 1 and results[0]["log_likelihood"] < 0
+
+
+def test_classifier_scores_are_its_log_softmax(tiny_classifier_checkpoint, tmp_path):
+  import jax
+  from t5g.checkpoints import model_dir
+  from t5g.model.classifier import EncoderClassifier
+  from t5g.model.config import ComputeConfig
+  records = [{"inputs": [5, 6, 7, 8], "label": 2, "id": 0}, {"inputs": [9], "id": 1},
+             {"inputs": list(range(3, 40)), "label": 0, "id": 2}]  # 2 batches, 2 lengths.
+  results = _score(tmp_path, tiny_classifier_checkpoint, records)
+  loaded = model_dir.load(tiny_classifier_checkpoint)
+  model = EncoderClassifier(loaded.config, ComputeConfig("float32", "float32",
+                                                         scan_layers=loaded.scanned))
+  apply = jax.jit(lambda tokens: jax.nn.log_softmax(model.apply({"params": loaded.params},
+                                                                tokens)))
+  tokens = np.zeros((len(records), 40), np.int32)  # Right-padded, EOS appended.
+  for i, record in enumerate(records):
+    tokens[i, :len(record["inputs"]) + 1] = record["inputs"] + [1]
+  for record, result, expected in zip(records, results, np.asarray(apply(tokens))):
+    assert result["id"] == record["id"] and result["inputs"] == record["inputs"]
+    np.testing.assert_allclose(result["class_log_probs"], expected, atol=1e-5)
+    assert result["prediction"] == int(np.argmax(expected))
+    if "label" in record:
+      assert result["log_likelihood"] == pytest.approx(float(expected[record["label"]]),
+                                                       abs=1e-5)
+    else:
+      assert "log_likelihood" not in result
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"inputs": [5], "label": 3}, "'label' must be an int in [0, 3), got 3"),
+    ({"inputs": [5], "label": "1"}, "'label' must be an int in [0, 3), got '1'"),
+    ({"inputs": [5], "label": True}, "'label' must be an int"),
+    ({"inputs": [], "label": 0}, "'inputs' is empty"),
+    ({"inputs": [5, 1]}, "'inputs' ends with EOS (id 1)"),
+    ({"inputs": [5, 0, 6]}, "'inputs' has token id 0 outside [1, 512)"),
+    ({"inputs": "text"}, "'inputs' is text; pass --vocabulary"),
+])
+def test_classifier_bad_lines_name_file_and_line(tiny_classifier_checkpoint, tmp_path, capsys,
+                                                line, message):
+  src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+  src.write_text(json.dumps({"inputs": [5, 6], "label": 1}) + "\n" + json.dumps(line) + "\n")
+  code = cli.main(["score", f"--checkpoint={tiny_classifier_checkpoint}", f"--input={src}",
+                   f"--output={dst}"])
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1 and f"{src}:2: {message}" in err, err
+  assert not dst.exists()

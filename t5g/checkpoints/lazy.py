@@ -122,7 +122,9 @@ def lazy_params(source: ParamSource, scanned: bool, dtype=np.float32) -> dict:
 
   def _producer(path: tuple[str, ...]) -> Callable[[], np.ndarray]:
     stack, rest = path[0], path[1:]
-    cfg = layout.stacks(config)[stack]
+    cfg = layout.parts(config)[stack]
+    if cfg is None:  # A part that is no stack (the classifier's head): no layers.
+      return _single(source, stack, None, rest, dtype)
     if rest[0] == "layers":  # layers/{local,global}/sub...: every other layer, stacked.
       first = 0 if rest[1] == "local" else 1
       count = cfg.num_layers // 2

@@ -4,7 +4,8 @@ Every conversion in t5g (HF, Google Flax and t5g directories in, t5g directories
 out, Gemma 2 -> T5Gemma adaptation) is a `ParamSource` feeding a writer that asks for one
 tensor group at a time (`t5g.checkpoints.lazy`), so that no conversion holds a whole model in
 memory. A logical parameter is (stack, layer, sub-path) as in `t5g.model.layout`, with the
-unscanned shape, e.g. ('decoder', 3, ('attn', 'q_proj')) -> [D, N, H].
+unscanned shape, e.g. ('decoder', 3, ('attn', 'q_proj')) -> [D, N, H]; `stack` names any
+top-level part, including the classifier's non-stack `head` (layer None).
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class ModelDirSource(ParamSource):
 
   def _stored_at(self, stack: str, layer: int | None, sub: Sub) -> tuple[tuple[str, ...], int]:
     """(path of the stored array holding the parameter, its index along the layer axis)."""
-    prefix, index = layout.location(layout.stacks(self.config)[stack], layer, self.scanned)
+    prefix, index = layout.location(layout.parts(self.config)[stack], layer, self.scanned)
     return (stack, *prefix, *sub), index
 
   def read_order(self, names: Iterable[Name]) -> list[Name]:

@@ -141,6 +141,9 @@ def export_checkpoint(checkpoint: str, output: str, step: int | None = None,
                       dtype: str = "float32", verify: bool = True) -> float | None:
   """Writes a HF folder from a t5g step; returns the verification's max logit difference.
 
+  A Gemma 2 becomes a Gemma2ForCausalLM folder, a T5Gemma a T5GemmaForConditionalGeneration, a
+  classifier an encoder-only T5GemmaForSequenceClassification (its class logits are compared).
+
   verify: reload with transformers (when installed) and compare logits; raises above
   VERIFY_TOLERANCE, leaving the written folder for inspection.
   """

@@ -20,7 +20,7 @@ import numpy as np
 
 from t5g.checkpoints.sources import ParamSource, materialize
 from t5g.model import layout
-from t5g.model.config import ComputeConfig, EncoderDecoderConfig, ModelConfig
+from t5g.model.config import ClassifierConfig, ComputeConfig, EncoderDecoderConfig, ModelConfig
 from t5g.model.models import abstract_params
 
 Tree = Mapping[str, Any]
@@ -46,6 +46,12 @@ class GoogleMap:
   layer: int | None
   subs: tuple[tuple[str, ...], ...]
   kind: str
+
+
+def _refuse_classifier(config: ModelConfig, where: str) -> None:
+  if isinstance(config, ClassifierConfig):
+    raise ValueError(f"{where}: Google Flax trees hold Gemma 2 and T5Gemma models; a classifier "
+                     "(an encoder and a head) has no Google layout")
 
 
 def _stack_root(config: ModelConfig, stack: str, prefix: tuple[str, ...]) -> tuple[str, ...]:
@@ -179,6 +185,7 @@ class GoogleTreeSource(ParamSource):
 
   def __init__(self, tree: Tree, config: ModelConfig, transpose_gating: TransposeGating = None,
                where: str = "Google tree"):
+    _refuse_classifier(config, where)
     self.config, self.where = config, where
     t5 = isinstance(config, EncoderDecoderConfig)
     prefix = model_prefix(tree, t5)
@@ -236,6 +243,7 @@ def to_google(params: dict, config: ModelConfig, scanned: bool,
   transpose_gating: write gating_einsum as [2, F, D] (all stacks, or {stack: bool}).
   num_embed: rows of each embedding table (the extra rows are zeros), e.g. 256128.
   """
+  _refuse_classifier(config, "to_google")
   transposed = {stack: bool(_given(transpose_gating, stack))
                 for stack in layout.stacks(config)}
   tree: dict = {}

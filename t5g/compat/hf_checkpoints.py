@@ -1,7 +1,10 @@
-"""Read and write Hugging Face `Gemma2ForCausalLM` / `T5GemmaForConditionalGeneration` folders.
+"""Read and write Hugging Face `Gemma2ForCausalLM` / `T5GemmaForConditionalGeneration` folders,
+and encoder-only `T5GemmaForSequenceClassification` folders for t5g's classifier.
 
 Tensor names and shapes: ../shared/reference/t5gemma-facts.md §2.3, §2.5. HF linear weights are
 [out, in]; t5g kernels are [in, out] with heads split out ([D, N, H] for q/k/v, [N, H, D] for o).
+The classifier's encoder is named as in T5Gemma (`model.encoder.*`, the T5GemmaEncoderModel
+inside the HF classifier) and its head is `score.out_proj.{weight [C, D], bias [C]}`.
 Reading maps the safetensors files and fills preallocated arrays tensor by tensor; writing
 converts and writes one tensor at a time into a temporary folder that is renamed at the end.
 """
@@ -19,8 +22,8 @@ import numpy as np
 from t5g.checkpoints.sources import ParamSource, materialize
 from t5g.compat import hf_config, safetensors_io
 from t5g.model import layout
-from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, ComputeConfig, EncoderDecoderConfig,
-                              ModelConfig, model_type)
+from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, ClassifierConfig, ComputeConfig,
+                              EncoderDecoderConfig, ModelConfig, model_type)
 from t5g.model.models import abstract_params
 
 # Layer tensors: (HF name inside a layer, t5g sub-path, conversion kind).
@@ -36,8 +39,11 @@ _CROSS_NORMS = [("pre_cross_attn_layernorm", "pre_cross_attention_norm"),
                 ("post_cross_attn_layernorm", "post_cross_attention_norm")]
 _FFW_NORMS = [("pre_feedforward_layernorm", "pre_ffw_norm"),
               ("post_feedforward_layernorm", "post_ffw_norm")]
-# Keys a folder may hold that t5g derives instead (the tied output layer).
+# Keys a folder may hold that t5g derives instead (the tied output layer; a classifier has none).
 _TIED_HEADS = {"gemma2": "lm_head.weight", "t5gemma": "lm_head.out_proj.weight"}
+# The classifier head: (HF name, t5g sub-path under `head`, conversion kind).
+_SCORE = [("score.out_proj.weight", ("kernel",), "transpose"),
+          ("score.out_proj.bias", ("bias",), "copy")]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +59,7 @@ class TensorMap:
 
 def tensor_maps(config: ModelConfig) -> Iterator[TensorMap]:
   """Every HF tensor of a model with `config`, in HF's order."""
-  t5 = isinstance(config, EncoderDecoderConfig)
+  t5 = isinstance(config, (EncoderDecoderConfig, ClassifierConfig))
   for stack, cfg in layout.stacks(config).items():
     prefix = f"model.{stack}." if t5 else "model."
     yield TensorMap(f"{prefix}embed_tokens.weight", stack, None, ("embedder", "embedding"),
@@ -72,6 +78,9 @@ def tensor_maps(config: ModelConfig) -> Iterator[TensorMap]:
       for hf_name, sub, kind in _MLP:
         yield TensorMap(f"{lp}{hf_name}.weight", stack, i, sub, kind)
     yield TensorMap(f"{prefix}norm.weight", stack, None, ("final_norm", "scale"), "copy")
+  if isinstance(config, ClassifierConfig):
+    for hf_key, sub, kind in _SCORE:
+      yield TensorMap(hf_key, "head", None, sub, kind)
 
 
 def to_hf(kind: str, x: np.ndarray) -> np.ndarray:
@@ -127,7 +136,7 @@ class HFSource(ParamSource):
       if m.hf_key not in names:
         raise ValueError(f"{folder}: missing tensor {m.hf_key!r}")
     known = {m.hf_key for m in self._maps.values()}
-    head = _TIED_HEADS[model_type(self.config)]
+    head = _TIED_HEADS.get(model_type(self.config))
     for key in sorted(names - known):
       if key != head:
         raise ValueError(f"{folder}: unexpected tensor {key!r} for a "
@@ -165,7 +174,8 @@ def load(folder: str, scanned: bool) -> tuple[ModelConfig, dict]:
 
 def save(folder: str, source: ParamSource, dtype: str = "float32",
          max_shard_bytes: int = 5 << 30) -> None:
-  """Writes a HF folder (config.json, generation_config.json, safetensors) atomically.
+  """Writes a HF folder (config.json, generation_config.json but for a classifier, which does
+  not generate, and safetensors) atomically.
 
   Tensors are read from `source` and written one at a time. dtype: 'float32' or 'bfloat16'.
   Refuses to overwrite a non-empty `folder`.
@@ -193,11 +203,12 @@ def save(folder: str, source: ParamSource, dtype: str = "float32",
     safetensors_io.write_folder(tmp, plan, produce, max_shard_bytes)
     with open(os.path.join(tmp, hf_config.CONFIG_FILE), "w") as f:
       json.dump(hf_config.config_to_hf(config, dtype), f, indent=2)
-    generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
-    if isinstance(config, EncoderDecoderConfig):
-      generation["decoder_start_token_id"] = BOS_ID
-    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-      json.dump(generation, f, indent=2)
+    if not isinstance(config, ClassifierConfig):
+      generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+      if isinstance(config, EncoderDecoderConfig):
+        generation["decoder_start_token_id"] = BOS_ID
+      with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump(generation, f, indent=2)
     if os.path.exists(folder):
       os.rmdir(folder)  # Empty, checked above.
     os.replace(tmp, folder)

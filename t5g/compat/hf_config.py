@@ -1,8 +1,11 @@
 """Hugging Face `config.json` <-> t5g model configs, for `gemma2` and `t5gemma` folders.
 
-Reading checks every field t5g cannot represent (another activation, biases, a layer pattern
-that is not local/global alternation, untied embeddings) and names the file and key at fault.
-Writing produces a config that `from_pretrained` accepts in transformers 4.53+ and 5.x.
+A `t5gemma` folder is an encoder-decoder (`T5GemmaForConditionalGeneration`) or, with
+`is_encoder_decoder: false` and the `T5GemmaForSequenceClassification` architecture, t5g's
+encoder-only classifier (`ClassifierConfig`). Reading checks every field t5g cannot represent
+(another activation, biases, a layer pattern that is not local/global alternation, untied
+embeddings, a head other than single-label sequence classification) and names the file and key
+at fault. Writing produces a config that `from_pretrained` accepts in transformers 4.53+ and 5.x.
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ import json
 import os
 from typing import Any
 
-from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, EncoderDecoderConfig, ModelConfig,
-                              StackConfig)
+from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, ClassifierConfig, EncoderDecoderConfig,
+                              ModelConfig, StackConfig)
 
 CONFIG_FILE = "config.json"
+CLASSIFIER_ARCHITECTURE = "T5GemmaForSequenceClassification"
+# Heads on a T5Gemma that t5g has no model for (an encoder-decoder classifier, per-token labels).
+_UNSUPPORTED_HEADS = ("T5GemmaForSequenceClassification", "T5GemmaForTokenClassification")
 
 
 def layer_types(cfg: StackConfig) -> list[str]:
@@ -71,7 +77,8 @@ def read_config(folder: str) -> ModelConfig:
 
 
 def config_from_hf(d: dict[str, Any], path: str) -> ModelConfig:
-  """The t5g config of a HF `gemma2` or `t5gemma` config dict read from `path`."""
+  """The t5g config of a HF `gemma2` or `t5gemma` config dict read from `path`: a StackConfig,
+  an EncoderDecoderConfig, or a ClassifierConfig for an encoder-only sequence classifier."""
   if not isinstance(d, dict):
     raise ValueError(f"{path}: expected a JSON object")
   kind = d.get("model_type")
@@ -80,8 +87,16 @@ def config_from_hf(d: dict[str, Any], path: str) -> ModelConfig:
       raise ValueError(f"{path}: tie_word_embeddings=false (Gemma 2 ties the output layer)")
     return stack_from_hf(d, path)
   if kind == "t5gemma":
+    architectures = d.get("architectures") or []
+    if d.get("is_encoder_decoder", True) is False:
+      return _classifier_from_hf(d, architectures, path)
     if d.get("tie_word_embeddings", True) is False:
       raise ValueError(f"{path}: tie_word_embeddings=false (T5Gemma ties the decoder output)")
+    heads = [a for a in architectures if a in _UNSUPPORTED_HEADS]
+    if heads:
+      raise ValueError(f"{path}: architectures={heads} with is_encoder_decoder=true; t5g's "
+                       f"classifier is encoder-only ({CLASSIFIER_ARCHITECTURE} with "
+                       "is_encoder_decoder=false)")
     for part in ("encoder", "decoder"):
       if not isinstance(d.get(part), dict):
         raise ValueError(f"{path}: missing key {part!r}")
@@ -96,6 +111,36 @@ def config_from_hf(d: dict[str, Any], path: str) -> ModelConfig:
     except ValueError as e:
       raise ValueError(f"{path}: {e}") from None
   raise ValueError(f"{path}: model_type={kind!r}; t5g reads 'gemma2' and 't5gemma'")
+
+
+def _classifier_from_hf(d: dict[str, Any], architectures: list, path: str) -> ClassifierConfig:
+  """The ClassifierConfig of an encoder-only `t5gemma` config dict (is_encoder_decoder=false)."""
+  if architectures != [CLASSIFIER_ARCHITECTURE]:
+    raise ValueError(f"{path}: is_encoder_decoder=false with architectures={architectures}; "
+                     f"t5g reads an encoder-only T5Gemma only as [{CLASSIFIER_ARCHITECTURE!r}] "
+                     "(an encoder and a classification head)")
+  if d.get("problem_type") not in (None, "single_label_classification"):
+    raise ValueError(f"{path}: problem_type={d['problem_type']!r}; t5g's classifier is "
+                     "single_label_classification (softmax over the classes)")
+  if not isinstance(d.get("encoder"), dict):
+    raise ValueError(f"{path}: missing key 'encoder'")
+  pad = d.get("pad_token_id", (d.get("decoder") or {}).get("pad_token_id", PAD_ID))
+  if pad != PAD_ID:  # transformers falls back on the decoder's, as here.
+    raise ValueError(f"{path}: pad_token_id={pad!r}; t5g pools the last token before padding "
+                     f"id {PAD_ID}")
+  if isinstance(d.get("id2label"), dict):
+    num_classes = len(d["id2label"])
+  elif "num_labels" in d:
+    num_classes = d["num_labels"]
+  else:
+    raise ValueError(f"{path}: missing key 'id2label' (or 'num_labels'): the class count")
+  if "num_labels" in d and d["num_labels"] != num_classes:
+    raise ValueError(f"{path}: num_labels={d['num_labels']!r} != {num_classes} id2label entries")
+  encoder = stack_from_hf(d["encoder"], f"{path}: encoder")
+  try:
+    return ClassifierConfig(encoder, num_classes)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
 
 
 def stack_to_hf(cfg: StackConfig) -> dict[str, Any]:
@@ -120,18 +165,32 @@ def stack_to_hf(cfg: StackConfig) -> dict[str, Any]:
 
 
 def config_to_hf(config: ModelConfig, torch_dtype: str) -> dict[str, Any]:
-  """config.json contents for a Gemma2ForCausalLM or T5GemmaForConditionalGeneration folder."""
+  """config.json contents for a Gemma2ForCausalLM, T5GemmaForConditionalGeneration or
+  (a classifier) encoder-only T5GemmaForSequenceClassification folder.
+
+  T5GemmaConfig always has a decoder module config; an encoder-only classifier's is a copy of
+  its encoder's, which T5GemmaEncoderModel never builds.
+  """
   common = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "bos_token_id": BOS_ID,
             "torch_dtype": torch_dtype, "dtype": torch_dtype}
   if isinstance(config, StackConfig):
     return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
             **stack_to_hf(config), **common}
+  classifier = isinstance(config, ClassifierConfig)
+  decoder_stack = config.encoder if classifier else config.decoder
   encoder = {**stack_to_hf(config.encoder), "model_type": "t5_gemma_module",
              "is_decoder": False}
-  decoder = {**stack_to_hf(config.decoder), "model_type": "t5_gemma_module",
+  decoder = {**stack_to_hf(decoder_stack), "model_type": "t5_gemma_module",
              "is_decoder": True, "cross_attention_hidden_size": config.encoder.embed_dim}
-  return {"architectures": ["T5GemmaForConditionalGeneration"], "model_type": "t5gemma",
-          "encoder": encoder, "decoder": decoder, "is_encoder_decoder": True,
-          "vocab_size": config.vocab_size, "tie_word_embeddings": True, "dropout_rate": 0.0,
-          "attention_dropout": 0.0, "classifier_dropout_rate": 0.0, "use_cache": True,
-          "initializer_range": 0.02, **common}
+  out = {"architectures": ["T5GemmaForConditionalGeneration"], "model_type": "t5gemma",
+         "encoder": encoder, "decoder": decoder, "is_encoder_decoder": True,
+         "vocab_size": decoder_stack.vocab_size, "tie_word_embeddings": True,
+         "dropout_rate": 0.0, "attention_dropout": 0.0, "classifier_dropout_rate": 0.0,
+         "use_cache": True, "initializer_range": 0.02, **common}
+  if classifier:
+    labels = [f"LABEL_{i}" for i in range(config.num_classes)]
+    out.update(architectures=[CLASSIFIER_ARCHITECTURE], is_encoder_decoder=False,
+               use_cache=False, problem_type="single_label_classification",
+               num_labels=config.num_classes, id2label=dict(enumerate(labels)),
+               label2id={name: i for i, name in enumerate(labels)})
+  return out

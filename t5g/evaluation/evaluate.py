@@ -5,6 +5,8 @@ a training run's directory: both hold `params` and the model's config in every s
 the parameters on the mesh and runs `t5g.evaluation.evaluator.Evaluator` once. Results go to
 `output_dir` (default `<model_dir>/inference_eval`, where the trainer's periodic evaluations go
 too): TensorBoard events, JSON lines, and the resolved gin configuration as `config.gin`.
+On several processes (`t5g eval` joins them as `t5g train` does) each reads only the parameter
+blocks its devices hold, all compute the same results and process 0 writes these files.
 
 A missing directory or step, an unknown task or mixture, and a task without the split or
 metrics raise before any model work (FileNotFoundError / ValueError, naming the culprit).

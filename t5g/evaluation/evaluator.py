@@ -12,9 +12,17 @@
   (the sum over target tokens of log p); the classifier's log-probability of the label.
 
 Examples go through the model in batches of `config.batch_size` rows (the last one padded with
-empty rows whose outputs are dropped), so each function compiles once per run. Every host
-evaluates the whole split; scoring replicates the batch over the mesh, decoding splits its rows
-over (data, fsdp), so batch_size must divide by data × fsdp. Process 0 writes.
+empty rows whose outputs are dropped), so each function compiles once per run.
+
+Several processes (jax.distributed, a mesh over several hosts): every process reads the whole
+split and runs the same batches in the same order, so every host holds each whole batch and
+`partitioning.from_every_host` gives each of its devices its block (no rows are exchanged;
+`make_array_from_process_local_data`, which joins different rows from each host, fits training's
+sharded input, not this). Scoring and the classifier replicate the batch over the mesh and their
+outputs too (replicated out_shardings: each host reads the result from its own devices);
+decoding splits the rows over (data, fsdp) (batch_size must divide by data × fsdp) and gathers
+the outputs to every host (`partitioning.to_host`). Every process thus computes the same
+metrics; only process 0 (`write`) has seqio's loggers and writes files.
 
 Results are written, per task, by seqio's loggers under `output_dir`: TensorBoard scalars
 (`<output_dir>/<task>/events.*`, tag `eval/<metric>`) and JSON lines
@@ -48,6 +56,7 @@ from t5g.data.tasks import get_task_or_mixture
 from t5g.inference.decoding import DecodeConfig, generate
 from t5g.model.config import (EOS_ID, ClassifierConfig, ComputeConfig, EncoderDecoderConfig,
                               ModelConfig)
+from t5g.train.partitioning import from_every_host
 from t5g.train.train_step import model_inputs
 
 Batch = dict[str, np.ndarray]
@@ -162,12 +171,16 @@ class Evaluator:
       yield indices, {name: np.pad(value, [(0, size - len(indices))] + [(0, 0)] * (value.ndim - 1))
                       for name, value in features.items()}
 
+  def _placed(self, batch: Batch) -> dict[str, jax.Array]:
+    """`batch`, which every host holds whole, replicated over the mesh."""
+    return {name: from_every_host(value, self._replicated) for name, value in batch.items()}
+
   def _predict(self, params: Any) -> Callable[[Any], list[tuple[int, list[int]]]]:
     if isinstance(self.model.config, ClassifierConfig):
       def classify_fn(dataset) -> list[tuple[int, list[int]]]:
         out = []
         for indices, batch in self._batches(dataset):
-          classes = np.asarray(self._classify(params, jax.device_put(batch, self._replicated)))
+          classes = np.asarray(self._classify(params, self._placed(batch)))
           out.extend((index, [int(c)]) for index, c in zip(indices.tolist(), classes))
         return out
       return classify_fn
@@ -187,7 +200,7 @@ class Evaluator:
     def score_fn(dataset) -> list[tuple[int, float]]:
       out = []
       for indices, batch in self._batches(dataset):
-        scores = self._score(params, jax.device_put(batch, self._replicated))
+        scores = self._score(params, self._placed(batch))
         out.extend(zip(indices.tolist(), np.asarray(scores).tolist()))
       return out
     return score_fn

@@ -37,7 +37,10 @@ CPU than with unscanned parameters (`model_dir.load(..., scanned=False)` convert
 
 Sharding: with `mesh`, parameters are placed by `t5g.train.partitioning.param_shardings`, the
 batch and the outputs by rows over (data, fsdp), and the cache inside by the logical-axis rules
-(batch -> data/fsdp, kv_heads -> tensor); the batch must divide into the mesh's rows.
+(batch -> data/fsdp, kv_heads -> tensor); the batch must divide into the mesh's rows. A mesh
+may span several processes (jax.distributed): each passes the same whole inputs, its devices
+take their rows of them (`partitioning.from_every_host`) and every process gets all the outputs
+back (`partitioning.to_host`, which gathers them across processes).
 """
 
 from __future__ import annotations
@@ -101,8 +104,9 @@ def generate(config: ModelConfig, params: Any, inputs: Any, decode: DecodeConfig
 
   params: in the `scanned` (or unscanned) layout; compute: activation/parameter dtypes (its
   scan_layers and remat are taken from `scanned` and off); rng: for sampling (default key 0);
-  mesh: shard over it (rules: the logical-axis rules, default partitioning.DEFAULT_RULES).
-  Returns numpy arrays. One compilation serves every temperature > 0, top_p < 1,
+  mesh: shard over it (rules: the logical-axis rules, default partitioning.DEFAULT_RULES); on a
+  mesh over several processes, every process calls this with the same inputs. Returns numpy
+  arrays (all rows, on every process). One compilation serves every temperature > 0, top_p < 1,
   length_penalty and eos_id (they are traced), per input shape.
   """
   inputs = np.asarray(inputs, np.int32)
@@ -116,12 +120,13 @@ def generate(config: ModelConfig, params: Any, inputs: Any, decode: DecodeConfig
                  np.float32(decode.length_penalty), np.int32(decode.eos_id))
   if mesh is None:
     out = _jitted(config, compute, shape, None, None)(params, inputs, rng, knobs)
-  else:
-    from t5g.train import partitioning
-    rules = tuple(tuple(r) for r in (partitioning.DEFAULT_RULES if rules is None else rules))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      out = _jitted(config, compute, shape, mesh, rules)(params, inputs, rng, knobs)
-  return GenerateOutput(*(np.asarray(x) for x in out))
+    return GenerateOutput(*(np.asarray(x) for x in out))
+  from t5g.train import partitioning
+  rules = tuple(tuple(r) for r in (partitioning.DEFAULT_RULES if rules is None else rules))
+  rows = partitioning.from_every_host(inputs, partitioning.batch_sharding(mesh))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    out = _jitted(config, compute, shape, mesh, rules)(params, rows, rng, knobs)
+  return GenerateOutput(*(partitioning.to_host(x) for x in out))
 
 
 class _Shape(NamedTuple):

@@ -12,10 +12,16 @@ slots: generated sequences are far shorter than the window (4096 in every preset
 would save nothing, and full slots keep the step's numbers those of the teacher-forced forward
 (same keys, same mask). Cross-attention computes the encoder's keys/values once, on the call that
 passes `kv_input`, and reads them back when `kv_input` is None.
+
+With `block_length` Q > 0 a teacher-forced call with more than Q queries computes its scores Q
+queries at a time (t5g/model/query_blocks.py; local layers read only their `band` of keys): the
+same results, with attention temporaries O(Q·S) instead of O(T·S). Decoding and calls of at
+most Q queries stay dense.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +30,7 @@ import jax.numpy as jnp
 
 from t5g.model.config import StackConfig
 from t5g.model.layers import apply_rope, constrain, kernel_init, logical_param
+from t5g.model.query_blocks import blocked_attention
 
 Array = jax.Array
 
@@ -36,12 +43,34 @@ def softcap(x: Array, cap: float | None) -> Array:
   return x if cap is None else cap * jnp.tanh(x / cap)
 
 
+def dot_product_attention(q: Array, key: Array, value: Array, mask: Array, *,
+                          cap: float | None, dtype: Any, kv_spec: str = "bskh") -> Array:
+  """Soft-capped, masked, float32-softmax attention of scaled queries q [B, T, N, H] over
+  key, value [B, S, K, H] (kv_spec "bskh") or [B, K, S, H] ("bksh"), mask bool [B, T, S]
+  -> [B, T, N, H] in `dtype`."""
+  b, t, n, h = q.shape
+  k = key.shape[kv_spec.index("k")]
+  q = q.reshape(b, t, k, n // k, h)
+  logits = jnp.einsum(f"btkgh,{kv_spec}->bkgts", q, key, preferred_element_type=jnp.float32)
+  logits = softcap(logits, cap)
+  logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  encoded = jnp.einsum(f"bkgts,{kv_spec}->btkgh", probs, value).reshape(b, t, n, h)
+  # A query with no visible key (e.g. an all-padding encoder input) reads zeros, as in
+  # Google's reference, rather than an average of padding.
+  encoded = jnp.where(mask.any(axis=-1)[:, :, None, None], encoded, 0)
+  return constrain(encoded, ("batch", "length", "heads", "head_dim"))
+
+
 class Attention(nn.Module):
   """Multi-head attention with `num_kv_heads` shared key/value heads.
 
   use_rope: rotate queries and keys by their positions (self-attention only).
   kv_dim: width of the key/value input (None: same as the query input); set for cross-attention.
   cache_length: 0 for a teacher-forced forward; > 0 decodes with a cache (module docstring).
+  block_length: 0 for dense scores; Q > 0 for Q queries at a time (module docstring).
+  band: self-attention in a local layer: the key - query index offsets its mask fits in
+  (t5g/model/masks.py `window_band`), read by the blocked path; None: keys anywhere.
   """
 
   config: StackConfig
@@ -50,6 +79,8 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   cache_length: int = 0
+  block_length: int = 0
+  band: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, x: Array, kv_input: Array | None, mask: Array,
@@ -93,17 +124,14 @@ class Attention(nn.Module):
       kv_axes, kv_spec = ("batch", "length", "kv_heads", "head_dim"), "bskh"
     key, value = constrain(key, kv_axes), constrain(value, kv_axes)
 
+    attend = functools.partial(dot_product_attention, cap=cfg.attn_logit_softcap,
+                               dtype=self.dtype, kv_spec=kv_spec)
     b, t = q.shape[:2]
-    q = q.reshape(b, t, k, n // k, h)
-    logits = jnp.einsum(f"btkgh,{kv_spec}->bkgts", q, key, preferred_element_type=jnp.float32)
-    logits = softcap(logits, cfg.attn_logit_softcap)
-    logits = jnp.where(mask[:, None, None, :, :], logits, MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    encoded = jnp.einsum(f"bkgts,{kv_spec}->btkgh", probs, value).reshape(b, t, n, h)
-    # A query with no visible key (e.g. an all-padding encoder input) reads zeros, as in
-    # Google's reference, rather than an average of padding.
-    encoded = jnp.where(mask.any(axis=-1)[:, :, None, None], encoded, 0)
-    encoded = constrain(encoded, ("batch", "length", "heads", "head_dim"))
+    if self.block_length and not self.cache_length and t > self.block_length:
+      encoded = blocked_attention(attend, q, key, value, mask, block_length=self.block_length,
+                                  band=self.band)
+    else:
+      encoded = attend(q, key, value, mask)
     # o_proj as one [N·H, D] matrix (a free reshape): contracting (n, h) as two axes made
     # XLA:CPU copy the weight to [H, N, D] on every call.
     return jnp.einsum("btf,fd->btd", encoded.reshape(b, t, n * h),

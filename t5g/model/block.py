@@ -19,12 +19,14 @@ Array = jax.Array
 
 class Block(nn.Module):
   """A transformer layer. cross_kv_dim: encoder width for cross-attention, None for none.
-  cache_length: > 0 to decode with a KV cache (t5g/model/attention.py)."""
+  cache_length: > 0 to decode with a KV cache (t5g/model/attention.py). band: a local layer's
+  window band (t5g/model/masks.py `window_band`), None for a global layer."""
 
   config: StackConfig
   compute: ComputeConfig
   cross_kv_dim: int | None = None
   cache_length: int = 0
+  band: tuple[int, int] | None = None
 
   def _norm(self, name: str) -> RMSNorm:
     return RMSNorm(self.config.rms_norm_eps, dtype=self.compute.dtype,
@@ -37,10 +39,11 @@ class Block(nn.Module):
     [B, T, S] -> [B, T, D]. Decoding: self_mask is [B, T, cache_length] and encoded is None once
     the cross-attention keys/values are cached."""
     cfg, dtypes = self.config, dict(dtype=self.compute.dtype, param_dtype=self.compute.param_dtype)
-    attention = dict(cache_length=self.cache_length, **dtypes)
+    attention = dict(cache_length=self.cache_length,
+                     block_length=self.compute.attention_block_length, **dtypes)
     h = self._norm("pre_attention_norm")(x)
-    h = Attention(cfg, use_rope=True, name="attn", **attention)(h, h, self_mask, positions,
-                                                                 positions)
+    h = Attention(cfg, use_rope=True, band=self.band, name="attn", **attention)(
+        h, h, self_mask, positions, positions)
     x = x + checkpoint_name(self._norm("post_attention_norm")(h), "attn_out")
     if self.cross_kv_dim is not None:
       h = self._norm("pre_cross_attention_norm")(x)
@@ -54,19 +57,22 @@ class Block(nn.Module):
 
 
 class LayerPair(nn.Module):
-  """A local (sliding-window) layer followed by a global one: the unit scanned over."""
+  """A local (sliding-window) layer followed by a global one: the unit scanned over.
+  local_band: the local layer's window band (Block's `band`)."""
 
   config: StackConfig
   compute: ComputeConfig
   cross_kv_dim: int | None = None
   cache_length: int = 0
+  local_band: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, local_mask: Array, global_mask: Array,
                encoded: Array | None, cross_mask: Array | None) -> tuple[Array, None]:
     block = remat(Block, self.compute)
     args = (self.config, self.compute, self.cross_kv_dim, self.cache_length)
-    x = block(*args, name="local")(x, positions, local_mask, encoded, cross_mask)
+    x = block(*args, band=self.local_band, name="local")(x, positions, local_mask, encoded,
+                                                         cross_mask)
     x = block(*args, name="global")(x, positions, global_mask, encoded, cross_mask)
     return x, None
 

@@ -163,13 +163,17 @@ class ComputeConfig:
 
   dtype: activations and matmul inputs; param_dtype: stored parameters (dtypes or their names,
   e.g. "bfloat16" from gin); scan_layers: run the layers as a `nn.scan` over (local, global)
-  pairs; remat_policy: one of REMAT_POLICIES.
+  pairs; remat_policy: one of REMAT_POLICIES; attention_block_length: 0 computes each
+  attention's scores for all queries at once, Q > 0 for Q queries at a time (local layers
+  reading only their window's band of keys) when a call has more than Q queries
+  (t5g/model/query_blocks.py): same results, peak memory O(Q·S) instead of O(T·S) per layer.
   """
 
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention_block_length: int = 0
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype"):
@@ -180,6 +184,10 @@ class ComputeConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"ComputeConfig.remat_policy={self.remat_policy!r}: choose one of "
                        f"{REMAT_POLICIES}")
+    block = self.attention_block_length
+    if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+      raise ValueError(f"t5g.ComputeConfig.attention_block_length={block!r}: must be an int >= 0 "
+                       "(0: dense attention)")
 
 
 FP32 = ComputeConfig(dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=False)

@@ -3,9 +3,11 @@
 Segment id 0 marks padding; tokens attend only within their own segment. Positions restart at
 0 at every segment start, so a packed row computes exactly what its examples compute alone.
 Local windows follow Google's reference: causal `0 <= q - kv < W` in decoders, two-sided
-`|q - kv| < W` in the bidirectional encoder. When decoding with a KV cache, `CacheSlots` keeps
-the segment id and position of every cache slot, so the same `attention_mask` gives the step's
-[B, T, cache_length] mask (empty slots have segment 0, like padding).
+`|q - kv| < W` in the bidirectional encoder; `window_band` gives the index band such a mask fits
+in (the query-blocked attention reads only that band of keys). When decoding with a KV cache,
+`CacheSlots` keeps the segment id and position of every cache slot, so the same
+`attention_mask` gives the step's [B, T, cache_length] mask (empty slots have segment 0, like
+padding).
 """
 
 from __future__ import annotations
@@ -55,6 +57,19 @@ def attention_mask(q_segments: Array, kv_segments: Array, q_positions: Array,
   if window is not None:
     mask &= (distance < window) if causal else (jnp.abs(distance) < window)
   return mask
+
+
+def window_band(causal: bool, window: int | None) -> tuple[int, int] | None:
+  """Offsets (key index - query index) outside which `attention_mask(..., causal, window)` is
+  False: (1 - W, 0) causal, (1 - W, W - 1) bidirectional; None for global attention.
+
+  Holds when every segment is one contiguous run whose positions count up by one per token (what
+  `positions_from_segments` and the packing feature converters give): within a segment,
+  position distance is then index distance, and other segments are masked anyway.
+  """
+  if window is None:
+    return None
+  return (1 - window, 0) if causal else (1 - window, window - 1)
 
 
 class CacheSlots(nn.Module):

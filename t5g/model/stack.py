@@ -18,7 +18,7 @@ from t5g.model.attention import softcap
 from t5g.model.block import Block, LayerPair, remat
 from t5g.model.config import ComputeConfig, StackConfig
 from t5g.model.layers import Embedder, RMSNorm, constrain
-from t5g.model.masks import CacheSlots, attention_mask, segment_mask
+from t5g.model.masks import CacheSlots, attention_mask, segment_mask, window_band
 
 Array = jax.Array
 
@@ -37,6 +37,7 @@ class Stack(nn.Module):
   def setup(self):
     cfg, compute = self.config, self.compute
     layer_args = (cfg, compute, self.cross_kv_dim, self.cache_length)
+    local_band = window_band(self.causal, cfg.sliding_window)
     self.embedder = Embedder(cfg.vocab_size, cfg.embed_dim, dtype=compute.dtype,
                              param_dtype=compute.param_dtype)
     if compute.scan_layers:
@@ -44,12 +45,13 @@ class Stack(nn.Module):
           LayerPair, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
           in_axes=(nn.broadcast,) * 5, length=cfg.num_layers // 2,
           metadata_params={nn.PARTITION_NAME: "layers"},
-      )(*layer_args)
+      )(*layer_args, local_band=local_band)
       if cfg.num_layers % 2:
-        self.final_local_layer = remat(Block, compute)(*layer_args)
+        self.final_local_layer = remat(Block, compute)(*layer_args, band=local_band)
     else:
       for i in range(cfg.num_layers):
-        setattr(self, f"layer_{i}", remat(Block, compute)(*layer_args))
+        band = local_band if cfg.is_local(i) else None
+        setattr(self, f"layer_{i}", remat(Block, compute)(*layer_args, band=band))
     if self.cache_length:
       self.slots = CacheSlots(self.cache_length)
     self.final_norm = RMSNorm(cfg.rms_norm_eps, dtype=compute.dtype,

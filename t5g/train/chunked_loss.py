@@ -134,8 +134,9 @@ def _head(spec: _Spec, hidden: Array, table: Array, targets: Array, weights: Arr
     z_term = losses.z_loss(log_z, spec.z_loss)
     kd = jnp.zeros_like(ce)
     if teacher is not None:
-      teacher_logits = project(x[3], teacher[1], spec.teacher_softcap)
-      kd = losses.distillation(logits, teacher_logits, spec.kd_temperature)
+      distilled = losses.distillation_terms(
+          logits, project(x[3], teacher[1], spec.teacher_softcap), spec.kd_temperature)
+      kd = distilled.loss
     per_token = (1.0 - spec.kd_weight) * ce + spec.kd_weight * kd + z_term
     terms = {"loss": per_token, "cross_entropy": ce, "z_loss": z_term, "kd_loss": kd,
              "accuracy": losses.correct(logits, t)}
@@ -150,10 +151,7 @@ def _head(spec: _Spec, hidden: Array, table: Array, targets: Array, weights: Arr
     dlogits = ((1.0 - spec.kd_weight) * (p - target_distribution)
                + 2.0 * spec.z_loss * log_z[..., None] * p)
     if teacher is not None and spec.kd_weight:
-      temperature = spec.kd_temperature
-      dlogits += spec.kd_weight * temperature * (
-          jax.nn.softmax(logits / temperature, axis=-1)
-          - jax.nn.softmax(teacher_logits / temperature, axis=-1))
+      dlogits += spec.kd_weight * spec.kd_temperature * (distilled.student - distilled.teacher)
     if spec.final_softcap is not None:
       dlogits *= 1.0 - jnp.square(logits / spec.final_softcap)
     dprojection = (dlogits * w[..., None]).astype(h.dtype)

@@ -25,13 +25,12 @@ ValueError naming them. CPU processes exchange data through gloo collectives.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
 import re
 from typing import Mapping, Sequence
-
-import jax
 
 ENV_COORDINATOR = "T5G_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "T5G_NUM_PROCESSES"
@@ -160,11 +159,28 @@ def detect(env: Mapping[str, str], coordinator_address: str | None = None,
   return Plan("single", "no flags, launcher variables, multi-task Slurm step or TPU host list")
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  """Adds the flags `initialize_from_args` reads: --coordinator_address, --num_processes,
+  --process_id (all three or none) and --distributed."""
+  parser.add_argument("--coordinator_address", help="HOST:PORT of process 0's coordinator")
+  parser.add_argument("--num_processes", type=int)
+  parser.add_argument("--process_id", type=int)
+  parser.add_argument("--distributed", action="store_true",
+                      help="jax.distributed.initialize() with auto-detection (TPU pods, Slurm)")
+
+
+def initialize_from_args(args: argparse.Namespace) -> Plan:
+  """`initialize` with the flags of `add_arguments` (and os.environ)."""
+  return initialize(args.coordinator_address, args.num_processes, args.process_id,
+                    auto=args.distributed)
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, auto: bool = False,
                env: Mapping[str, str] | None = None) -> Plan:
   """Initialises `jax.distributed` as `detect` decides (env: default os.environ); returns the
   plan. A single process initialises nothing."""
+  import jax  # Here, not at the top: `add_arguments` serves command lines that load JAX later.
   plan = detect(os.environ if env is None else env, coordinator_address, num_processes,
                 process_id, auto)
   if plan.mode == "single":

@@ -7,6 +7,8 @@ batch split into microbatches gives the same loss and gradients as the whole bat
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +43,24 @@ def z_loss(log_z: Array, weight: float) -> Array:
   return weight * jnp.square(log_z)
 
 
+class Distillation(NamedTuple):
+  """Per-token distillation loss [B, T] and the two tempered distributions [B, T, V] it came
+  from (the chunked head's gradient, τ·(student − teacher), reuses them)."""
+
+  loss: Array
+  student: Array
+  teacher: Array
+
+
+def distillation_terms(student_logits: Array, teacher_logits: Array, temperature: float = 1.0
+                       ) -> Distillation:
+  """`distillation` with softmax(student / τ) and softmax(teacher / τ) [B, T, V] alongside."""
+  teacher = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature, axis=-1)
+  student_log = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  loss = -jnp.sum(teacher * student_log, axis=-1) * temperature ** 2
+  return Distillation(loss, jnp.exp(student_log), teacher)
+
+
 def distillation(student_logits: Array, teacher_logits: Array, temperature: float = 1.0
                  ) -> Array:
   """Soft cross-entropy −Σ p_teacher · log p_student per token, at `temperature`, scaled by
@@ -48,9 +68,7 @@ def distillation(student_logits: Array, teacher_logits: Array, temperature: floa
 
   No gradient flows into the teacher.
   """
-  teacher = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits) / temperature, axis=-1)
-  student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
-  return -jnp.sum(teacher * student, axis=-1) * temperature ** 2
+  return distillation_terms(student_logits, teacher_logits, temperature).loss
 
 
 def correct(logits: Array, targets: Array) -> Array:

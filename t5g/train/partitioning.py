@@ -11,7 +11,10 @@ that array, so activations shard `batch` over (data, fsdp) and leave `embed` who
 parameters shard `embed` over fsdp.
 
 Host data: the batch is split over (data, fsdp). Each host loads the rows its devices hold
-(`data_shard_info`) and `global_batch` assembles the global arrays from them.
+(`data_shard_info`) and `global_batch` assembles the global arrays from them. Evaluation and
+decoding read the same whole batch on every host instead: `from_every_host` gives each device
+its block of it (no data moves between hosts), and `to_host` brings a result back whole to every
+host (gathering it across hosts when it is spread over them).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import seqio
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -165,3 +168,18 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   sharding = batch_sharding(mesh)
   return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
           for name, value in local.items()}
+
+
+def from_every_host(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """The global array laid out by `sharding` from `value`, which every host holds whole (the
+  same everywhere): each addressable device takes its block of the host's copy."""
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """All of `x` as a numpy array on this host. An array whose blocks are spread over several
+  hosts is gathered across them, so every process must call this for it (a collective)."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  return multihost_utils.process_allgather(x, tiled=True)
