@@ -20,7 +20,7 @@ from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, ClassifierConfig, EncoderD
 CONFIG_FILE = "config.json"
 CLASSIFIER_ARCHITECTURE = "T5GemmaForSequenceClassification"
 # Heads on a T5Gemma that t5g has no model for (an encoder-decoder classifier, per-token labels).
-_UNSUPPORTED_HEADS = ("T5GemmaForSequenceClassification", "T5GemmaForTokenClassification")
+_UNSUPPORTED_HEADS = (CLASSIFIER_ARCHITECTURE, "T5GemmaForTokenClassification")
 
 
 def layer_types(cfg: StackConfig) -> list[str]:
