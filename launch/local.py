@@ -5,7 +5,7 @@
 
 Everything after `--` is the `t5g` command line, the same for every process. Process i gets
 `T5G_COORDINATOR_ADDRESS=localhost:P`, `T5G_NUM_PROCESSES=N` and `T5G_PROCESS_ID=i` in its
-environment (which `t5g train` reads, t5g/train/distributed.py), `JAX_PLATFORMS=cpu`, and
+environment (which `t5g train` reads, t5g/runtime/distributed.py), `JAX_PLATFORMS=cpu`, and
 `devices_per_process` CPU devices (`--xla_force_host_platform_device_count`). P is a free port
 unless given. Each output line is printed prefixed with `[i]`. When a process fails the others
 are stopped (they would wait for it at the next collective) and the launcher exits with the

@@ -11,7 +11,7 @@ Two steps, each one `gcloud ... ssh --worker=all --command=...` so every worker 
    with `jax[tpu]==<this jax's version>` (which pins the matching libtpu).
 2. run: `cd WORKDIR`, export the `--env` variables, then `.venv/bin/t5g COMMAND`; for `train`
    and `eval` `--distributed` is added, so that jax.distributed finds the workers itself from the TPU
-   metadata (t5g/train/distributed.py).
+   metadata (t5g/runtime/distributed.py).
 
 Slices. One `--tpu`: a single slice. Multi-slice (the mesh's `dcn_*` sizes), two ways:
 - `--queued_resource=QR`: slices made together by `gcloud compute tpus queued-resources create

@@ -94,8 +94,8 @@ def _cmd_average(args) -> None:
 
 
 def _cmd_score(args) -> None:
-  from t5g import scoring
-  from t5g.atomic_file import atomic_write
+  from t5g.inference import scoring
+  from t5g.runtime.atomic_file import atomic_write
   from t5g.checkpoints import model_dir
   config, _, step = model_dir.read_model(args.checkpoint, args.step)
   examples = scoring.read_examples(args.input, args.vocabulary, config)
@@ -107,10 +107,18 @@ def _cmd_score(args) -> None:
   print(f"scored {len(examples)} examples -> {args.output}")
 
 
+def register_configurables() -> None:
+  """Imports every module that defines a gin configurable a run file may bind (the trainer,
+  `t5g.evaluate` and `t5g.EvalConfig`); each registers its own at import."""
+  from t5g.evaluation import evaluate  # noqa: F401
+  from t5g.train import trainer  # noqa: F401
+
+
 def _cmd_train(args) -> None:
-  from t5g.train import distributed, gin_config, trainer
+  from t5g.runtime import distributed, gin_files
+  from t5g.train import trainer
   distributed.initialize_from_args(args)
-  gin_config.parse(args.gin_file, gin_config.flag_bindings(args.gin_flags, args.gin_bindings))
+  gin_files.parse(args.gin_file, gin_files.flag_bindings(args.gin_flags, args.gin_bindings))
   metrics = trainer.train()
   if metrics:
     print(f"finished at step {metrics['step']}: loss {metrics['loss']:.4f}")
@@ -118,7 +126,7 @@ def _cmd_train(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
   """The argument parser with all sub-commands."""
-  from t5g.train import distributed  # Its flags; JAX is imported only when it initialises.
+  from t5g.runtime import distributed  # Its flags; JAX is imported only when it initialises.
   parser = argparse.ArgumentParser(prog="t5g", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
 
@@ -193,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     return 2
   args.gin_flags = gin_flags
+  if args.command in GIN_COMMANDS:
+    register_configurables()
   try:
     args.fn(args)
   except FloatingPointError as e:  # A diverged run: its last good checkpoint is kept.

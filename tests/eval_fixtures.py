@@ -72,8 +72,11 @@ TINY_RUN = ["VOCABULARY = None", "TRAIN_STEPS = 2", "BATCH_SIZE = 4", "EVAL_EVER
 def train_recipe(experiment: str, bindings: list[str]) -> dict:
   """Runs `t5g.train` on the tiny model with gin/experiments/`experiment` and TINY_RUN plus
   `bindings`; returns its last metrics. The gin config is cleared afterwards."""
-  from t5g.train import gin_config, trainer
-  gin_config.parse([f"models/{PRESET}.gin", f"experiments/{experiment}"], TINY_RUN + bindings)
+  from t5g import cli
+  from t5g.runtime import gin_files
+  from t5g.train import trainer
+  cli.register_configurables()
+  gin_files.parse([f"models/{PRESET}.gin", f"experiments/{experiment}"], TINY_RUN + bindings)
   try:
     return trainer.train()
   finally:

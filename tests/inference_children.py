@@ -17,7 +17,7 @@ from t5g.inference.decoding import DecodeConfig, generate
 from t5g.model.config import ComputeConfig
 from t5g.model.models import init_params
 from t5g.model.presets import get_preset
-from t5g.train import partitioning
+from t5g.runtime import partitioning
 
 MESHES = {"fsdp2_tensor2": {"data": 1, "fsdp": 2, "tensor": 2}}
 # Beam search: besides the model and the token choice that greedy decoding also runs, it

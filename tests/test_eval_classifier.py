@@ -18,7 +18,8 @@ from t5g.data import classification_tasks
 from t5g.data.pipeline import InputConfig
 from t5g.evaluation.evaluator import EvalConfig
 from t5g.model.config import ClassifierConfig, ComputeConfig
-from t5g.train import partitioning, run_state, trainer
+from t5g.runtime import partitioning
+from t5g.train import run_state, trainer
 from t5g.train.optimizers import OptimizerConfig
 from tests import eval_fixtures
 

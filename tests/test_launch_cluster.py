@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from t5g.train import distributed
+from t5g.runtime import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_POD = os.path.join(ROOT, "launch", "tpu_pod.py")

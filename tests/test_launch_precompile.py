@@ -23,7 +23,7 @@ from t5g import cli
 from t5g.model.config import ComputeConfig
 from t5g.model.models import abstract_params
 from t5g.model.presets import get_preset
-from t5g.train import tpu_topology
+from t5g.runtime import tpu_topology
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None

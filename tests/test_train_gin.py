@@ -7,7 +7,6 @@ anything is built); one real `t5g train` command runs in its own process.
 from __future__ import annotations
 
 import glob
-import importlib
 import os
 import re
 import subprocess
@@ -17,12 +16,12 @@ import gin
 import pytest
 
 from t5g import cli
-from t5g.train import gin_config
+from t5g.runtime import gin_files
 
-importlib.import_module("t5g.train.trainer")  # registers t5g.train with gin
+cli.register_configurables()  # t5g.train, t5g.evaluate and the configurables they take
 
-EXPERIMENTS = sorted(os.path.relpath(p, gin_config.GIN_DIR) for p in
-                     glob.glob(os.path.join(gin_config.GIN_DIR, "experiments", "*.gin"))
+EXPERIMENTS = sorted(os.path.relpath(p, gin_files.GIN_DIR) for p in
+                     glob.glob(os.path.join(gin_files.GIN_DIR, "experiments", "*.gin"))
                      if not os.path.basename(p).startswith("_"))
 # Cheaper CPU code generation (as tests/train_children.py): a third less compile time.
 CHEAP_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -38,7 +37,7 @@ def _files(experiment: str) -> list[str]:
 
 def _missing(files: list[str]) -> list[str]:
   with pytest.raises(ValueError, match="required value") as error:
-    gin_config.parse(files, [])
+    gin_files.parse(files, [])
   return re.search(r"not set: (.*) \(bind", str(error.value)).group(1).split(", ")
 
 
@@ -47,7 +46,7 @@ def test_experiment_parses_once_its_required_macros_are_set(experiment):
   files = _files(experiment)
   missing = _missing(files)
   assert "MODEL_DIR" in missing
-  gin_config.parse(files, [f"{name} = '/tmp/{name.lower()}'" for name in missing])
+  gin_files.parse(files, [f"{name} = '/tmp/{name.lower()}'" for name in missing])
   assert gin.query_parameter("t5g.train.model_dir") is not None
   lengths = gin.query_parameter("train/t5g.InputConfig.task_feature_lengths")
   assert lengths is not None
@@ -58,11 +57,11 @@ def test_paper_lengths_in_the_adaptation_recipes():
   for name, lengths in (("t5gemma_2b_2b_prefixlm_kd", 4096), ("t5gemma_2b_2b_ul2", 8192),
                         ("t5gemma_9b_2b_ul2", 8192), ("t5gemma_9b_9b_ul2", 8192)):
     files = [f"experiments/{name}.gin"]
-    gin_config.parse(files, [f"{m} = 'x'" for m in _missing(files)])
+    gin_files.parse(files, [f"{m} = 'x'" for m in _missing(files)])
     assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == {"inputs": lengths,
                                                              "targets": lengths}
   files = ["experiments/t5gemma_9b_2b_ul2.gin"]
-  gin_config.parse(files, [f"{m} = 'x'" for m in _missing(files)])
+  gin_files.parse(files, [f"{m} = 'x'" for m in _missing(files)])
   assert gin.query_parameter("t5g.train.warmup_new_parameters_steps") == 1000
   gin.clear_config()
 

@@ -9,8 +9,8 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from t5g.model import ComputeConfig, abstract_params, get_preset
-from t5g.train import partitioning
-from t5g.train.partitioning import MeshConfig
+from t5g.runtime import partitioning
+from t5g.runtime.partitioning import MeshConfig
 
 
 def test_mesh_sizes_fill_in_and_fail_naming_the_axes():

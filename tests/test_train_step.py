@@ -16,7 +16,8 @@ from t5g.model.models import Gemma2, abstract_params, make_model
 from t5g.model.presets import get_preset
 from t5g.train import distillation, losses
 from t5g.train.optimizers import OptimizerConfig, Phase, make_optimizer, trainable_mask
-from t5g.train.train_step import LossConfig, StepState, make_train_step, model_inputs
+from t5g.model.models import model_inputs
+from t5g.train.train_step import LossConfig, StepState, make_train_step
 
 VOCAB = 512  # Of both tiny presets.
 ENC_LEN, DEC_LEN = 24, 18  # Of the teacher tests' batches.

@@ -39,9 +39,10 @@ from t5g.data.pipeline import InputConfig, InputIterator
 from t5g.model.config import ComputeConfig
 from t5g.model.models import abstract_params
 from t5g.model.presets import get_preset
-from t5g.train import distributed, partitioning, trainer
+from t5g.runtime import distributed, partitioning
+from t5g.train import trainer
 from t5g.train.optimizers import OptimizerConfig
-from t5g.train.partitioning import MeshConfig
+from t5g.runtime.partitioning import MeshConfig
 
 STEPS = 3
 GLOBAL_BATCH = 8

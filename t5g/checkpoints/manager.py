@@ -29,6 +29,7 @@ import time
 import warnings
 from typing import Any, NamedTuple, Sequence
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +80,9 @@ class CheckpointOptions:
     if self.save_dtype not in (None, "bfloat16", "float16", "float32"):
       raise ValueError(f"CheckpointOptions.save_dtype={self.save_dtype!r}: None, 'bfloat16', "
                        "'float16' or 'float32'")
+
+
+gin.external_configurable(CheckpointOptions, module="t5g")
 
 
 class TrainState(NamedTuple):

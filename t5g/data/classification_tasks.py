@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 
+import gin
 import seqio
 import tensorflow as tf
 
@@ -132,6 +133,9 @@ def register_superglue_classification_tasks(vocabulary_path: str | None = None) 
   return names
 
 
+gin.external_configurable(register_superglue_classification_tasks, module="t5g")
+
+
 def _label_index(labels: Sequence[str], label_key: str
                  ) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
   table = tf.lookup.StaticHashTable(
@@ -175,6 +179,9 @@ def register_classification_task(name: str,
                      functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
                      seqio.preprocessors.append_eos_after_trim],
       postprocess_fn=class_postprocessor(), metric_fns=metric_fns)
+
+
+gin.external_configurable(register_classification_task, module="t5g")
 
 
 register_superglue_classification_tasks()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 
+import gin
 import seqio
 import tensorflow as tf
 
@@ -120,6 +121,9 @@ def register_superglue_tasks(vocabulary_path: str | None = None) -> list[str]:
   return names
 
 
+gin.external_configurable(register_superglue_tasks, module="t5g")
+
+
 @seqio.map_over_dataset
 def chat_turns(example: dict) -> dict:
   """prompt/response -> Gemma chat turns: `inputs` ends with the model turn's opening."""
@@ -156,6 +160,9 @@ def register_instruction_task(name: str,
       preprocessors=[parse_jsonl([prompt_key, response_key]), rename, chat_turns,
                      seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
       postprocess_fn=response_text, metric_fns=metric_fns)
+
+
+gin.external_configurable(register_instruction_task, module="t5g")
 
 
 register_superglue_tasks()

@@ -24,6 +24,7 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import gin
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -76,6 +77,9 @@ class InputConfig:
     described = dataclasses.asdict(self)
     described["task_feature_lengths"] = dict(sorted(self.task_feature_lengths.items()))
     return described
+
+
+gin.external_configurable(InputConfig, module="t5g")
 
 
 def _check_shard(shard_info: seqio.ShardInfo) -> None:

@@ -39,6 +39,7 @@ import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 
+import gin
 import seqio
 import tensorflow as tf
 
@@ -153,6 +154,9 @@ def register_c4_tasks(vocabulary_path: str | None = None,
   source = seqio.TfdsDataSource(tfds_name=C4_TFDS_NAME, splits=("train", "validation"))
   return register_pretraining_tasks(f"{PREFIX}c4", source, "text", vocabulary_path, denoisers,
                                     documents_per_example=documents_per_example)
+
+
+gin.external_configurable(register_c4_tasks, module="t5g")
 
 
 def embedded_documents(split: str) -> list[str]:
@@ -271,6 +275,9 @@ def register_text_tasks(name: str, files: str | Sequence[str] | Mapping[str, str
   return register_pretraining_tasks(name, seqio.TextLineDataSource(split_files), text_key,
                                     vocabulary_path, denoisers, source_preprocessors=[parse],
                                     documents_per_example=documents_per_example)
+
+
+gin.external_configurable(register_text_tasks, module="t5g")
 
 
 def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:

@@ -23,7 +23,7 @@ HELP = "evaluate a checkpoint on a seqio task or mixture (predict and score metr
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """Adds --gin_file (repeatable), --gin_bindings and the distributed flags; --gin.NAME=VALUE
   flags come from t5g.cli."""
-  from t5g.train import distributed
+  from t5g.runtime import distributed
   parser.add_argument("--gin_file", action="append", default=[], required=True)
   parser.add_argument("--gin_bindings", action="append", default=[],
                       help="a whole gin line, e.g. \"CHECKPOINT_STEP = 1000\"")
@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> None:
   prints each task's metrics."""
   from t5g.evaluation import evaluate
   from t5g.evaluation.evaluator import result_lines
-  from t5g.train import distributed, gin_config
+  from t5g.runtime import distributed, gin_files
   distributed.initialize_from_args(args)
-  gin_config.parse(args.gin_file, gin_config.flag_bindings(args.gin_flags, args.gin_bindings))
+  gin_files.parse(args.gin_file, gin_files.flag_bindings(args.gin_flags, args.gin_bindings))
   step, results = evaluate.evaluate()
   for line in result_lines(results, step):
     print(line, flush=True)

@@ -15,7 +15,6 @@ metrics raise before any model work (FileNotFoundError / ValueError, naming the 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -23,19 +22,11 @@ import gin
 import jax
 
 from t5g.checkpoints import model_dir as model_dirs
-from t5g.evaluation.evaluator import EvalConfig, EvalModel, Evaluator, feature_converter
+from t5g.evaluation.evaluator import EvalConfig, Evaluator, feature_converter, output_directory
 from t5g.model.config import ComputeConfig
 from t5g.model.models import make_model
-from t5g.train import gin_config, partitioning, run_state
-from t5g.train.partitioning import DEFAULT_RULES, MeshConfig
-
-OUTPUT_SUBDIR = "inference_eval"
-
-
-def output_directory(model_dir: str, output_dir: str | None) -> str:
-  """Where evaluation results go: `output_dir`, or `<model_dir>/inference_eval`."""
-  return output_dir if output_dir is not None else os.path.join(model_dir, OUTPUT_SUBDIR)
-
+from t5g.runtime import gin_files, partitioning
+from t5g.runtime.partitioning import DEFAULT_RULES, MeshConfig
 
 @gin.configurable(module="t5g")
 def evaluate(*, model_dir: str = gin.REQUIRED, evaluation: EvalConfig = gin.REQUIRED,
@@ -59,12 +50,12 @@ def evaluate(*, model_dir: str = gin.REQUIRED, evaluation: EvalConfig = gin.REQU
   device_mesh = partitioning.make_mesh(mesh)
   writer = jax.process_index() == 0
   out = output_directory(model_dir, output_dir)
-  evaluator = Evaluator(evaluation, EvalModel(config, compute,
+  evaluator = Evaluator(evaluation, partitioning.PlacedModel(config, compute,
                                               make_model(config, compute),
                                               device_mesh, rules), out, writer)
-  target, _ = run_state.sharded_abstract_params(config, compute, device_mesh, rules)
+  target, _ = partitioning.sharded_abstract_params(config, compute, device_mesh, rules)
   params = model_dirs.read_params(model_dir, step, target)
   if writer:
-    gin_config.write_config(out)
+    gin_files.write_config(out)
   with jax.set_mesh(device_mesh), nn.logical_axis_rules(rules):
     return step, evaluator.evaluate(params, step)

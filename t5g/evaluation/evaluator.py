@@ -40,26 +40,32 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
-import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 import seqio
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from t5g.data import feature_converters
 from t5g.data.classification_tasks import ClassificationFeatureConverter, check_num_classes
 from t5g.data.tasks import get_task_or_mixture
 from t5g.inference.decoding import DecodeConfig, generate
-from t5g.model.config import (EOS_ID, ClassifierConfig, ComputeConfig, EncoderDecoderConfig,
-                              ModelConfig)
-from t5g.train.partitioning import from_every_host
-from t5g.train.train_step import model_inputs
+from t5g.model.config import EOS_ID, ClassifierConfig, EncoderDecoderConfig, ModelConfig
+from t5g.runtime.partitioning import PlacedModel, from_every_host
+from t5g.model.models import model_inputs
 
 Batch = dict[str, np.ndarray]
+OUTPUT_SUBDIR = "inference_eval"
+
+
+def output_directory(model_dir: str, output_dir: str | None) -> str:
+  """Where evaluation results go: `output_dir`, or `<model_dir>/inference_eval`."""
+  return output_dir if output_dir is not None else os.path.join(model_dir, OUTPUT_SUBDIR)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,17 +94,15 @@ class EvalConfig:
       raise ValueError(f"EvalConfig.num_examples must be None or positive, got "
                        f"{self.num_examples}")
 
+  def build(self, model: PlacedModel, model_dir: str, write: bool
+            ) -> Callable[[Any, int], list[str]]:
+    """The trainer's periodic evaluation of `model`: a function (params, step) that evaluates,
+    logs under `<model_dir>/inference_eval` (when `write`) and returns the console lines."""
+    evaluator = Evaluator(self, model, output_directory(model_dir, None), write)
+    return lambda params, step: result_lines(evaluator.evaluate(params, step), step)
 
-@dataclasses.dataclass(frozen=True)
-class EvalModel:
-  """The evaluated model: its config, how it is computed, its module, the mesh it is on and the
-  logical-axis rules that place it there."""
 
-  config: ModelConfig
-  compute: ComputeConfig
-  module: nn.Module
-  mesh: Mesh
-  rules: tuple
+gin.external_configurable(EvalConfig, module="t5g")
 
 
 def feature_converter(config: ModelConfig) -> seqio.FeatureConverter:
@@ -127,7 +131,7 @@ def until_eos(tokens: np.ndarray) -> list[int]:
 class Evaluator:
   """A seqio evaluation of one task or mixture, reused for every `evaluate(params, step)`."""
 
-  def __init__(self, config: EvalConfig, model: EvalModel, output_dir: str, write: bool = True):
+  def __init__(self, config: EvalConfig, model: PlacedModel, output_dir: str, write: bool = True):
     task = get_task_or_mixture(config.mixture_or_task_name)  # an unknown name raises
     if isinstance(model.config, ClassifierConfig):
       check_num_classes(task, model.config.num_classes)

@@ -35,7 +35,7 @@ goes in and out of the scan at every step, which made an S-S step at batch 4 ~1.
 CPU than with unscanned parameters (`model_dir.load(..., scanned=False)` converts on the host;
 `t5g generate` does so).
 
-Sharding: with `mesh`, parameters are placed by `t5g.train.partitioning.param_shardings`, the
+Sharding: with `mesh`, parameters are placed by `t5g.runtime.partitioning.param_shardings`, the
 batch and the outputs by rows over (data, fsdp), and the cache inside by the logical-axis rules
 (batch -> data/fsdp, kv_heads -> tensor); the batch must divide into the mesh's rows. A mesh
 may span several processes (jax.distributed): each passes the same whole inputs, its devices
@@ -50,6 +50,7 @@ import functools
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +89,9 @@ class DecodeConfig:
                        f"beam_size={self.beam_size}, temperature={self.temperature}")
 
 
+gin.external_configurable(DecodeConfig, module="t5g")
+
+
 class GenerateOutput(NamedTuple):
   """tokens int32 [B, N] (0 after the first EOS, which is kept), lengths int32 [B], scores
   float32 [B]."""
@@ -121,7 +125,7 @@ def generate(config: ModelConfig, params: Any, inputs: Any, decode: DecodeConfig
   if mesh is None:
     out = _jitted(config, compute, shape, None, None)(params, inputs, rng, knobs)
     return GenerateOutput(*(np.asarray(x) for x in out))
-  from t5g.train import partitioning
+  from t5g.runtime import partitioning
   rules = tuple(tuple(r) for r in (partitioning.DEFAULT_RULES if rules is None else rules))
   rows = partitioning.from_every_host(inputs, partitioning.batch_sharding(mesh))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -155,7 +159,7 @@ def _jitted(config: ModelConfig, compute: ComputeConfig, shape: _Shape, mesh: Me
   fn = functools.partial(_generate, config, compute, shape)
   if mesh is None:
     return jax.jit(fn)
-  from t5g.train import partitioning
+  from t5g.runtime import partitioning
   params = partitioning.param_shardings(abstract_params(config, compute, boxed=True), mesh, rules)
   rows = NamedSharding(mesh, PartitionSpec(partitioning.BATCH_AXES))
   whole = NamedSharding(mesh, PartitionSpec())

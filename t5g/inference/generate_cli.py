@@ -106,7 +106,7 @@ def run(args) -> None:
   import jax
   import numpy as np
 
-  from t5g.atomic_file import atomic_write
+  from t5g.runtime.atomic_file import atomic_write
   from t5g.checkpoints import model_dir
   from t5g.inference.decoding import DecodeConfig, generate
   from t5g.model.config import EncoderDecoderConfig

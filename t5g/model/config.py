@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import gin
 import jax.numpy as jnp
 
 PAD_ID = 0
@@ -188,6 +189,9 @@ class ComputeConfig:
     if isinstance(block, bool) or not isinstance(block, int) or block < 0:
       raise ValueError(f"t5g.ComputeConfig.attention_block_length={block!r}: must be an int >= 0 "
                        "(0: dense attention)")
+
+
+gin.external_configurable(ComputeConfig, module="t5g")
 
 
 FP32 = ComputeConfig(dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=False)

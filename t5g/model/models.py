@@ -13,6 +13,7 @@ keys/values of `encoded`); later steps pass the returned cache and `encoded=None
 from __future__ import annotations
 
 import functools
+from typing import Mapping
 
 import flax.linen as nn
 import jax
@@ -25,6 +26,15 @@ from t5g.model.masks import positions_from_segments, segments_from_tokens
 from t5g.model.stack import Stack
 
 Array = jax.Array
+
+# The batch features (seqio's names) that the models take as arguments.
+MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "encoder_segment_ids",
+                  "decoder_segment_ids", "encoder_positions", "decoder_positions")
+
+
+def model_inputs(batch: Mapping[str, Array]) -> dict[str, Array]:
+  """The batch features that the models take as arguments."""
+  return {name: batch[name] for name in MODEL_FEATURES if name in batch}
 
 
 def _segments_and_positions(tokens, segment_ids, positions):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 
+import gin
+
 from t5g.model.config import EncoderDecoderConfig, ModelConfig, StackConfig
 
 
@@ -63,3 +65,6 @@ def get_preset(name: str) -> ModelConfig:
   close = difflib.get_close_matches(name, PRESETS, n=4, cutoff=0.4)
   hint = f" Did you mean: {', '.join(close)}?" if close else ""
   raise ValueError(f"unknown model preset {name!r}.{hint} Known: {', '.join(sorted(PRESETS))}")
+
+
+gin.external_configurable(get_preset, module="t5g")

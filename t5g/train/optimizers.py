@@ -23,6 +23,7 @@ import math
 import re
 from typing import Any, Sequence
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +87,9 @@ class OptimizerConfig:
         raise ValueError(f"OptimizerConfig.{field}={getattr(self, field)!r}: must be {need}")
 
 
+gin.external_configurable(OptimizerConfig, module="t5g")
+
+
 @dataclasses.dataclass(frozen=True)
 class Phase:
   """From `start_step` on, only parameters matching one of `trainable` are updated.
@@ -103,6 +107,9 @@ class Phase:
     if not isinstance(self.trainable, tuple) or not all(
         isinstance(p, str) for p in self.trainable):
       raise ValueError(f"Phase.trainable={self.trainable!r}: must be a tuple of strings")
+
+
+gin.external_configurable(Phase, module="t5g")
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:

@@ -5,7 +5,7 @@
 
 The run is read from the same gin files as `t5g train`, and its step is built by the trainer's
 own functions (`t5g.train.run_state`): the model, the mesh (over the topology's compile-only
-devices, `t5g.train.tpu_topology`), the logical-axis rules, each phase's optimizer and the
+devices, `t5g.runtime.tpu_topology`), the logical-axis rules, each phase's optimizer and the
 jitted step with its shardings. Nothing is read from disk but the gin files: the parameters,
 optimizer state and batch are abstract (shapes and shardings), the REQUIRED values the step
 does not depend on (MODEL_DIR, INIT_CHECKPOINT, VOCABULARY, TEACHER_CHECKPOINT) may stay unset,
@@ -53,8 +53,9 @@ def run_arguments(gin_files: list[str], bindings: list[str]) -> dict[str, Any]:
   """The arguments the gin files and bindings give `t5g.train`, its defaults filled in. Parsed
   as `t5g train` parses them, but values left %gin.REQUIRED are `gin.REQUIRED`, not errors."""
   import gin
-  from t5g.train import gin_config, trainer
-  gin_config.parse(gin_files, bindings, check=False)
+  from t5g.runtime import gin_files as gin_lib
+  from t5g.train import trainer
+  gin_lib.parse(gin_files, bindings, check=False)
   defaults = {name: p.default for name, p in inspect.signature(trainer.train).parameters.items()}
   return {**defaults, **gin.get_bindings("t5g.train", resolve_references=True)}
 
@@ -73,7 +74,7 @@ def abstract_batch(data: Any, mesh: Any) -> dict[str, Any]:
   import jax
   import jax.numpy as jnp
   from t5g.data.pipeline import FEATURE_CONVERTERS
-  from t5g.train import partitioning
+  from t5g.runtime import partitioning
   rows = partitioning.mesh_rows(mesh)
   if data.batch_size % rows:
     raise ValueError(f"precompile: the global batch size {data.batch_size} (BATCH_SIZE) does "
@@ -87,10 +88,10 @@ def abstract_batch(data: Any, mesh: Any) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> None:
   """Compiles the run's train step for `args.topology` and prints each phase's memory."""
-  from t5g.train import gin_config, tpu_topology
+  from t5g.runtime import gin_files, tpu_topology
   topology = tpu_topology.parse(args.topology, args.num_slices)
   values = run_arguments(args.gin_file,
-                         gin_config.flag_bindings(args.gin_flags, args.gin_bindings))
+                         gin_files.flag_bindings(args.gin_flags, args.gin_bindings))
   devices = tpu_topology.devices(topology)
   print(f"{topology.name} × {topology.num_slices} slice(s): {len(devices)} devices "
         f"({devices[0].device_kind}), {topology.chips} chips")
@@ -116,7 +117,8 @@ def compile_phases(values: dict[str, Any], devices: list[Any], hbm: int, only: i
   import jax
   from t5g.model.config import StackConfig
   from t5g.model.presets import get_preset
-  from t5g.train import partitioning, run_state, tpu_topology
+  from t5g.runtime import partitioning, tpu_topology
+  from t5g.train import run_state
   from t5g.train.optimizers import learning_rate_schedule, phase_at
 
   data = _required(values, "train_input")

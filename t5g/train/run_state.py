@@ -24,31 +24,15 @@ from t5g.checkpoints.manager import TrainCheckpointManager
 from t5g.model import classifier
 from t5g.model.config import (ClassifierConfig, ComputeConfig, EncoderDecoderConfig, ModelConfig,
                               StackConfig)
-from t5g.model.models import abstract_params, init_params, make_model
-from t5g.train import optimizers, partitioning
+from t5g.model.models import init_params, make_model
+from t5g.runtime import partitioning
+from t5g.train import optimizers
 from t5g.train.optimizers import OptimizerConfig, Phase
 from t5g.train.train_step import LossConfig, StepState, make_train_step
 
 
 def _names(path: Sequence[Any]) -> tuple[str, ...]:
   return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
-
-
-def _with_shardings(shapes: Any, shardings: Any) -> Any:
-  """ShapeDtypeStructs like `shapes`, each carrying its sharding from `shardings`."""
-  return jax.tree_util.tree_map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
-def sharded_abstract_params(config: ModelConfig, compute: ComputeConfig, mesh: Mesh,
-                            rules: partitioning.Rules) -> tuple[Any, Any]:
-  """(ShapeDtypeStructs with shardings, NamedShardings) of the parameters under `rules` (also
-  inside a mesh and rules context: no sharding constraint is traced)."""
-  boxed = abstract_params(config, compute, boxed=True)
-  shardings = partitioning.param_shardings(boxed, mesh, rules)
-  values = jax.tree_util.tree_map(lambda box: box.unbox(apply_constraint=False), boxed,
-                                  is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  return _with_shardings(values, shardings), shardings
 
 
 def mirrored_shardings(state_shapes: Any, param_shapes: Any, param_shardings: Any,
@@ -127,7 +111,7 @@ def build_model(config: ModelConfig | None, compute: ComputeConfig, mesh: Mesh,
     config, new_parameters = saved, list(meta.get("new_parameters", []))
   if config is None:
     raise ValueError("train: set `model` (e.g. MODEL = @t5g.get_preset()) or init_checkpoint")
-  shapes, shardings = sharded_abstract_params(config, compute, mesh, rules)
+  shapes, shardings = partitioning.sharded_abstract_params(config, compute, mesh, rules)
   partitioning.check_fsdp_coverage(shapes, shardings, mesh, max_replicated_fraction)
   return RunModel(config, compute, make_model(config, compute), shapes, shardings,
                   new_parameters, rules)
@@ -168,7 +152,7 @@ def phase_optimizers(config: OptimizerConfig, phases: Sequence[Phase], model: Ru
     shardings = mirrored_shardings(shapes, model.param_shapes, model.param_shardings, mesh)
     out.append(PhaseOptimizer(phase, tx, optimizers.trainable_mask(model.param_shapes,
                                                                    phase.trainable),
-                              _with_shardings(shapes, shardings)))
+                              partitioning.with_shardings(shapes, shardings)))
   return out
 
 
@@ -207,7 +191,7 @@ def _init_checkpoint_params(model: RunModel, init_checkpoint: str, rng: Any) -> 
     return model_dir.restore_params(init_checkpoint, model.param_shapes, model.config,
                                     model.scanned)[0]
   mesh = model.param_shardings["head"]["kernel"].mesh
-  target, _ = sharded_abstract_params(saved, model.compute, mesh, model.rules)
+  target, _ = partitioning.sharded_abstract_params(saved, model.compute, mesh, model.rules)
   encoder = model_dir.restore_params(init_checkpoint, target, saved, model.scanned)[0]["encoder"]
   head = jax.jit(lambda key: classifier.init_head(model.config, model.compute, key),
                  out_shardings=model.param_shardings["head"])(rng)
@@ -222,7 +206,7 @@ def load_teacher(checkpoint: str, compute: ComputeConfig, mesh: Mesh,
     raise ValueError(f"teacher_checkpoint={checkpoint}: the teacher must be a decoder-only "
                      "Gemma 2, this is a T5Gemma")
   compute = dataclasses.replace(compute, scan_layers=scanned, remat_policy="none")
-  target, _ = sharded_abstract_params(config, compute, mesh, rules)
+  target, _ = partitioning.sharded_abstract_params(config, compute, mesh, rules)
   params, _ = model_dir.restore_params(checkpoint, target, config, scanned)
   return make_model(config, compute), params, config
 
@@ -254,5 +238,5 @@ def abstract_teacher(config: StackConfig, compute: ComputeConfig, mesh: Mesh,
   """A decoder-only Gemma 2 teacher of `config` without a checkpoint: (module, parameter
   ShapeDtypeStructs with shardings), laid out as `load_teacher` lays out a restored one."""
   compute = dataclasses.replace(compute, remat_policy="none")
-  shapes, _ = sharded_abstract_params(config, compute, mesh, rules)
+  shapes, _ = partitioning.sharded_abstract_params(config, compute, mesh, rules)
   return make_model(config, compute), shapes

@@ -28,18 +28,17 @@ import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import optax
 
 from t5g.model.classifier import EncoderClassifier
-from t5g.model.models import T5Gemma
+from t5g.model.models import T5Gemma, model_inputs
 from t5g.train import chunked_loss, distillation, losses
 
 Array = jax.Array
 Batch = Mapping[str, Array]
-MODEL_FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "encoder_segment_ids",
-                  "decoder_segment_ids", "encoder_positions", "decoder_positions")
 _SUMS = ("loss", "cross_entropy", "z_loss", "kd_loss", "accuracy")
 
 
@@ -69,6 +68,9 @@ class LossConfig:
                        "0 (materialised logits) or a positive number of positions")
 
 
+gin.external_configurable(LossConfig, module="t5g")
+
+
 class StepState(NamedTuple):
   """What the jitted step updates: the step counter, parameters and optimizer state."""
 
@@ -83,11 +85,6 @@ class Teacher:
 
   model: nn.Module
   params: Any
-
-
-def model_inputs(batch: Batch) -> dict[str, Array]:
-  """The batch features that the models take as arguments."""
-  return {name: batch[name] for name in MODEL_FEATURES if name in batch}
 
 
 def loss_sums(params: Any, batch: Batch, model: nn.Module, config: LossConfig,

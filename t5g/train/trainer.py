@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import math
 import signal
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import flax.linen as nn
 import gin
@@ -33,14 +33,22 @@ from t5g.checkpoints.manager import CheckpointOptions, TrainCheckpointManager, T
 from t5g.data.classification_tasks import check_num_classes
 from t5g.data.pipeline import InputConfig, InputIterator
 from t5g.data.tasks import get_task_or_mixture
-from t5g.evaluation.evaluate import output_directory
-from t5g.evaluation.evaluator import EvalConfig, EvalModel, Evaluator, result_lines
 from t5g.model.config import ClassifierConfig, ComputeConfig, ModelConfig
-from t5g.train import flops, gin_config, partitioning, run_state
+from t5g.runtime import gin_files, partitioning
+from t5g.train import flops, run_state
 from t5g.train.metrics import MetricsLogger
 from t5g.train.optimizers import OptimizerConfig, Phase, learning_rate_schedule, phase_at
-from t5g.train.partitioning import DEFAULT_RULES, MeshConfig
+from t5g.runtime.partitioning import DEFAULT_RULES, MeshConfig, PlacedModel
 from t5g.train.train_step import LossConfig, make_eval_step, normalise_sums
+
+
+class PeriodicEvaluation(Protocol):
+  """What `train(evaluation=...)` runs every `evaluation_every` steps; `t5g.EvalConfig`
+  (`t5g.evaluation`, a seqio evaluation) is one. The trainer does not import evaluation."""
+
+  def build(self, model: PlacedModel, model_dir: str, write: bool
+            ) -> Callable[[Any, int], list[str]]:
+    """A function (params, step) -> the console lines of the results (written when `write`)."""
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -116,7 +124,7 @@ def train(*, model_dir: str = gin.REQUIRED, train_input: InputConfig = gin.REQUI
           teacher_checkpoint: str | None = None, num_microbatches: int = 1,
           checkpoint: CheckpointOptions = CheckpointOptions(), log_every: int = 10,
           eval_input: InputConfig | None = None, eval_every: int = 0,
-          eval_steps: int | None = None, evaluation: EvalConfig | None = None,
+          eval_steps: int | None = None, evaluation: PeriodicEvaluation | None = None,
           evaluation_every: int = 0, num_classes: int | None = None, seed: int = 0,
           max_replicated_fraction: float = 0.01,
           peak_flops_per_device: float | None = None,
@@ -168,12 +176,12 @@ def train(*, model_dir: str = gin.REQUIRED, train_input: InputConfig = gin.REQUI
   peak = (peak_flops_per_device or flops.measure_matmul_peak(np.dtype(compute.dtype).name)
           ) * device_mesh.size
   writer = jax.process_index() == 0
-  evaluator = None
+  evaluate = None
   if evaluation is not None and evaluation_every:
-    evaluator = Evaluator(evaluation, EvalModel(run.config, compute, run.module, device_mesh,
-                                                rules), output_directory(model_dir, None), writer)
+    evaluate = evaluation.build(PlacedModel(run.config, compute, run.module, device_mesh, rules),
+                                model_dir, writer)
   if writer:
-    gin_config.write_config(model_dir)
+    gin_files.write_config(model_dir)
   logger = MetricsLogger(model_dir, "train", _step_flops(run.config, train_input, teacher_config),
                          peak, train_steps, writer)
   context = contextlib.ExitStack()
@@ -232,8 +240,8 @@ def train(*, model_dir: str = gin.REQUIRED, train_input: InputConfig = gin.REQUI
         logger.write(done, _evaluate(eval_step, state.params, eval_input, shard, device_mesh,
                                      eval_steps), "eval")
         logger.restart_clock()
-      if evaluator is not None and (done % evaluation_every == 0 or done == train_steps):
-        for line in result_lines(evaluator.evaluate(state.params, done), done):
+      if evaluate is not None and (done % evaluation_every == 0 or done == train_steps):
+        for line in evaluate(state.params, done):
           if writer:
             print(line, flush=True)
         logger.restart_clock()

@@ -1,4 +1,4 @@
-"""Gin for `t5g train`: the configurables, layered files, flag bindings and REQUIRED checks.
+"""Gin files for `t5g train` / `eval` / `precompile`: layered files, flag bindings, REQUIRED checks.
 
 Gin files come in layers, as in T5X: `gin/models/<preset>.gin` binds MODEL (and compute
 choices), `gin/runs/{pretrain,finetune,eval}.gin` bind the run function and declare the macros a
@@ -7,6 +7,10 @@ one of each and fill the macros in. Files are found relative to the working dire
 the project's `gin/` folder (so `include 'runs/pretrain.gin'` works from anywhere). Everything is parsed before any model is built: an unknown
 configurable or parameter fails at parse time (gin names it) and `check_required` names every
 macro or parameter still `%gin.REQUIRED`.
+
+Configurables are registered by the modules that define them (`gin.external_configurable(...,
+module="t5g")` beside the class, `@gin.configurable` on the run functions); the command line
+imports every layer before it parses.
 """
 
 from __future__ import annotations
@@ -17,28 +21,8 @@ from typing import Sequence
 
 import gin
 
-from t5g.checkpoints.manager import CheckpointOptions
-from t5g.data import classification_tasks, finetune_tasks, tasks
-from t5g.data.pipeline import InputConfig
-from t5g.evaluation.evaluator import EvalConfig
-from t5g.inference.decoding import DecodeConfig
-from t5g.model.config import ComputeConfig
-from t5g.model.presets import get_preset
-from t5g.train.optimizers import OptimizerConfig, Phase
-from t5g.train.partitioning import MeshConfig
-from t5g.train.train_step import LossConfig
-
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "gin")
-
-for _configurable in (CheckpointOptions, ComputeConfig, DecodeConfig, EvalConfig, InputConfig,
-                      LossConfig, MeshConfig, OptimizerConfig, Phase):
-  gin.external_configurable(_configurable, module="t5g")
-for _function in (get_preset, tasks.register_c4_tasks, tasks.register_text_tasks,
-                  finetune_tasks.register_superglue_tasks, finetune_tasks.register_instruction_task,
-                  classification_tasks.register_superglue_classification_tasks,
-                  classification_tasks.register_classification_task):
-  gin.external_configurable(_function, module="t5g")
 
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str], check: bool = True) -> None:

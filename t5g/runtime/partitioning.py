@@ -24,11 +24,15 @@ import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+import gin
 import jax
 import numpy as np
 import seqio
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from t5g.model.config import ComputeConfig, ModelConfig
+from t5g.model.models import abstract_params
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -65,6 +69,9 @@ class MeshConfig:
   def dcn_shape(self) -> tuple[int, int, int]:
     """(data, fsdp, tensor) across slices, before -1 is filled in."""
     return (self.dcn_data, self.dcn_fsdp, self.dcn_tensor)
+
+
+gin.external_configurable(MeshConfig, module="t5g")
 
 
 def _fill(shape: Sequence[int], total: int, what: str) -> tuple[int, ...]:
@@ -183,3 +190,32 @@ def to_host(x: jax.Array) -> np.ndarray:
   if x.is_fully_addressable or x.is_fully_replicated:
     return np.asarray(x)
   return multihost_utils.process_allgather(x, tiled=True)
+
+
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs like `shapes`, each carrying its sharding from `shardings`."""
+  return jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def sharded_abstract_params(config: ModelConfig, compute: ComputeConfig, mesh: Mesh,
+                            rules: Rules) -> tuple[Any, Any]:
+  """(ShapeDtypeStructs with shardings, NamedShardings) of the parameters under `rules` (also
+  inside a mesh and rules context: no sharding constraint is traced)."""
+  boxed = abstract_params(config, compute, boxed=True)
+  shardings = param_shardings(boxed, mesh, rules)
+  values = jax.tree_util.tree_map(lambda box: box.unbox(apply_constraint=False), boxed,
+                                  is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return with_shardings(values, shardings), shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacedModel:
+  """A model placed on a mesh: its config, how it is computed, its module, the mesh and the
+  logical-axis rules that place it there (what evaluation and decoding need of a run)."""
+
+  config: ModelConfig
+  compute: ComputeConfig
+  module: nn.Module
+  mesh: Mesh
+  rules: tuple
