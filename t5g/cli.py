@@ -98,7 +98,8 @@ def _cmd_score(args) -> None:
   from t5g.runtime.atomic_file import atomic_write
   from t5g.checkpoints import model_dir
   config, _, step = model_dir.read_model(args.checkpoint, args.step)
-  examples = scoring.read_examples(args.input, args.vocabulary, config)
+  vocabulary = scoring.text_vocabulary(args.checkpoint, step, args.vocabulary, config)
+  examples = scoring.read_examples(args.input, vocabulary and vocabulary.tokenizer.encode, config)
   loaded = model_dir.load(args.checkpoint, step)
   with atomic_write(args.output) as f:
     for record in scoring.score(loaded.params, loaded.config, examples, args.batch_size,
@@ -170,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--step", type=int)
   p.add_argument("--input", required=True)
   p.add_argument("--output", required=True)
-  p.add_argument("--vocabulary", help="SentencePiece model, for text inputs/targets (a "
-                 "classifier: EOS is appended to inputs)")
+  p.add_argument("--vocabulary", help="SentencePiece model, for text inputs/targets (default: "
+                 "the one the checkpoint records; a classifier: EOS is appended to inputs)")
   p.add_argument("--batch_size", type=int, default=8)
   p.set_defaults(fn=_cmd_score)
 

@@ -4,7 +4,8 @@ A run directory is a t5g checkpoint directory (`t5g.checkpoints.model_dir`) whos
 the trainer's state, so `model_dir.load`, `t5g export` and `t5g score` read it as it is:
 
     RUN/<step>/params/       the parameters (floating ones optionally stored narrower, e.g. bf16)
-    RUN/<step>/model/        JSON, as model_dir writes it: the config and the parameter layout
+    RUN/<step>/model/        JSON, as model_dir writes it: the config, the parameter layout and
+                             the vocabulary (RUN/tokenizer.model when it is a copied file)
     RUN/<step>/opt_state/    the optimizer state (any pytree of arrays, e.g. an optax state)
     RUN/<step>/train_state/  {"step": int64, "rng": the RNG key (its key data and impl)}
     RUN/<step>/data/         JSON: the data iterator's state (host-agnostic)
@@ -111,16 +112,19 @@ class TrainCheckpointManager:
   """Saves and restores a run's `TrainState` in `directory` (see the module docstring).
 
   config, scanned: the model and parameter layout of the run, written with every step and
-  checked on restore. new_parameters: as in `model_dir.save`. Not thread-safe; one writer per
+  checked on restore. new_parameters, vocabulary: as in `model_dir.save` (process 0 copies a
+  SentencePiece file in when the manager is made). Not thread-safe; one writer per
   directory. Use as a context manager, or call `close()`, so pending writes complete.
   """
 
   def __init__(self, directory: str, config: ModelConfig, scanned: bool,
                options: CheckpointOptions = CheckpointOptions(),
-               new_parameters: Sequence[str] | None = None):
+               new_parameters: Sequence[str] | None = None, vocabulary: str | None = None):
     self.directory = os.path.abspath(directory)
     self.options = options
-    self._model = model_dir.model_item(config, scanned, new_parameters)
+    recorded = model_dir.store_vocabulary(self.directory, vocabulary,
+                                          write=jax.process_index() == 0)
+    self._model = model_dir.model_item(config, scanned, new_parameters, recorded)
     keep: list[Any] = [policies.LatestN(options.keep_last)]
     if options.keep_every:
       keep.append(policies.EveryNSteps(options.keep_every))

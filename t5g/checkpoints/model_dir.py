@@ -2,9 +2,16 @@
 
     T5G_DIR/<step>/params/   Orbax PyTree of the model parameters (numpy/jax arrays)
     T5G_DIR/<step>/model/    JSON: {"model": <config_to_json>, "param_layout": "scanned"|...,
-                                   "new_parameters": [...] (optional, see `save`)}
+                                   "new_parameters": [...] (optional, see `save`),
+                                   "vocabulary": "embedded"|"tokenizer.model" (optional)}
+    T5G_DIR/tokenizer.model  the SentencePiece model, when a step records that file
 
 Nothing else is needed to load a step: the config saved beside the weights rebuilds the model.
+The `vocabulary` a step records is the one its model was trained with, for text in and out:
+"embedded" (t5g's embedded SentencePiece model, `t5g.data.vocabulary`) or the path, relative to
+T5G_DIR, of a copy of the user's SentencePiece model, so that the directory stays whole when
+moved. Steps saved before t5g recorded vocabularies, or converted from a checkpoint without a
+tokenizer, have none (`read_vocabulary` gives None).
 Orbax writes each step under a temporary name and renames it when complete, so a step either
 exists whole or not at all. Loading reads JSON and tensor data only (nothing is unpickled).
 A training run's directory (`t5g.checkpoints.manager`) holds these two items in every step, next
@@ -21,14 +28,18 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from t5g.model import layout
-from t5g.model.config import ComputeConfig, ModelConfig, config_from_json, config_to_json
+from t5g.model.config import (EMBEDDED_VOCABULARY, ComputeConfig, ModelConfig, config_from_json,
+                              config_to_json)
 from t5g.model.models import abstract_params
 
 PARAMS_ITEM = "params"
 MODEL_ITEM = "model"
 LAYOUTS = {True: "scanned", False: "unscanned"}
+VOCABULARY_KEY = "vocabulary"  # In the model item.
+VOCABULARY_FILE = "tokenizer.model"  # A copied SentencePiece model, in the directory's root.
 
 
 def _manager(directory: str, create: bool = False) -> ocp.CheckpointManager:
@@ -52,30 +63,84 @@ def is_model_dir(directory: str) -> bool:
 
 
 def model_item(config: ModelConfig, scanned: bool,
-               new_parameters: Sequence[str] | None = None) -> dict:
-  """The JSON of a step's `model` item (see `save` for new_parameters)."""
+               new_parameters: Sequence[str] | None = None,
+               vocabulary: str | None = None) -> dict:
+  """The JSON of a step's `model` item (see `save` for new_parameters; vocabulary: the record
+  `store_vocabulary` returned, None for none)."""
   meta = {"model": config_to_json(config), "param_layout": LAYOUTS[scanned]}
   if new_parameters:
     meta["new_parameters"] = list(new_parameters)
+  if vocabulary is not None:
+    meta[VOCABULARY_KEY] = vocabulary
   return meta
 
 
+def store_vocabulary(directory: str, vocabulary: str | None, write: bool = True) -> str | None:
+  """What a step of `directory` records for `vocabulary`, its SentencePiece file copied in.
+
+  vocabulary: None (nothing to record), EMBEDDED_VOCABULARY (recorded by name), or the path of
+  a SentencePiece model (local or any path `etils.epath` reads), copied to
+  `directory/tokenizer.model` under a temporary name renamed when complete. A directory that
+  already holds the same bytes there is left as it is. write: False only computes the record
+  (the processes of a run other than the one that writes).
+
+  Raises:
+    FileNotFoundError: the SentencePiece model does not exist.
+    FileExistsError: `directory` already holds another tokenizer.model.
+  """
+  if vocabulary is None or vocabulary == EMBEDDED_VOCABULARY:
+    return vocabulary
+  if not write:
+    return VOCABULARY_FILE
+  source = epath.Path(vocabulary)
+  if not source.exists():
+    raise FileNotFoundError(f"SentencePiece vocabulary not found: {vocabulary}")
+  data = source.read_bytes()
+  target = os.path.join(os.path.abspath(directory), VOCABULARY_FILE)
+  if os.path.exists(target):
+    with open(target, "rb") as f:
+      if f.read() != data:
+        raise FileExistsError(f"{target}: holds another SentencePiece model than {vocabulary}; "
+                              "a checkpoint directory records one vocabulary")
+    return VOCABULARY_FILE
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  partial = f"{target}.tmp-{os.getpid()}"
+  try:
+    with open(partial, "wb") as f:
+      f.write(data)
+    os.replace(partial, target)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+  return VOCABULARY_FILE
+
+
 def save(directory: str, step: int, params: Any, config: ModelConfig, scanned: bool,
-         new_parameters: list[str] | None = None) -> None:
+         new_parameters: list[str] | None = None, vocabulary: str | None = None) -> None:
   """Saves `params` (in the `scanned` or unscanned layout) and the model config as `step`.
 
   new_parameters: layout-independent names ("decoder/cross_attn/k_proj": that sub-path in every
   layer of the stack) of parameters that were freshly initialised rather than adapted, for the
   trainer's warmup; recorded in the model item and returned by `read_metadata`.
+  vocabulary: the vocabulary the model reads and writes text with, as `store_vocabulary` takes
+  it (a SentencePiece file is copied into `directory` first, and removed again when this call
+  put it there and the step fails to save); None records none.
   params may hold `t5g.checkpoints.lazy.LazyArray` leaves, written one at a time.
   """
-  meta = model_item(config, scanned, new_parameters)
-  with _manager(directory, create=True) as mgr:
-    if step in mgr.all_steps():
-      raise FileExistsError(f"{directory}: step {step} already exists")
-    mgr.save(step, args=ocp.args.Composite(**{
-        PARAMS_ITEM: ocp.args.PyTreeSave(params), MODEL_ITEM: ocp.args.JsonSave(meta)}))
-    mgr.wait_until_finished()
+  copied = os.path.join(directory, VOCABULARY_FILE)
+  had_copy = os.path.exists(copied)
+  meta = model_item(config, scanned, new_parameters, store_vocabulary(directory, vocabulary))
+  try:
+    with _manager(directory, create=True) as mgr:
+      if step in mgr.all_steps():
+        raise FileExistsError(f"{directory}: step {step} already exists")
+      mgr.save(step, args=ocp.args.Composite(**{
+          PARAMS_ITEM: ocp.args.PyTreeSave(params), MODEL_ITEM: ocp.args.JsonSave(meta)}))
+      mgr.wait_until_finished()
+  except BaseException:
+    if not had_copy and os.path.exists(copied):
+      os.remove(copied)
+    raise
 
 
 def _resolve_step(directory: str, step: int | None) -> int:
@@ -103,6 +168,30 @@ def read_metadata(directory: str, step: int | None = None) -> tuple[dict, int]:
     raise ValueError(f"{path}: param_layout="
                      f"{meta.get('param_layout') if isinstance(meta, dict) else meta!r}")
   return meta, step
+
+
+def read_vocabulary(directory: str, step: int | None = None) -> str | None:
+  """The vocabulary a step (latest when `step` is None) records: EMBEDDED_VOCABULARY, the path
+  of the SentencePiece model stored in `directory`, or None when it records none.
+
+  Raises:
+    ValueError: the record is neither "embedded" nor a relative path inside `directory`.
+    FileNotFoundError: the recorded SentencePiece file is missing.
+  """
+  meta, step = read_metadata(directory, step)
+  record = meta.get(VOCABULARY_KEY)
+  if record is None or record == EMBEDDED_VOCABULARY:
+    return record
+  where = os.path.join(directory, str(step), MODEL_ITEM)
+  if (not isinstance(record, str) or not record or os.path.isabs(record)
+      or ".." in record.split("/")):
+    raise ValueError(f"{where}: vocabulary={record!r}: expected {EMBEDDED_VOCABULARY!r} or a "
+                     "relative path inside the checkpoint directory")
+  path = os.path.join(os.path.abspath(directory), record)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{where}: records the vocabulary {record!r}, but {path} does not "
+                            "exist (copy it back, or pass --vocabulary)")
+  return path
 
 
 def read_model(directory: str, step: int | None = None) -> tuple[ModelConfig, bool, int]:

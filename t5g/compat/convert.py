@@ -3,6 +3,12 @@
 Formats are detected from the path: a Hugging Face folder (config.json + safetensors), a t5g
 checkpoint directory, or a Google Flax/Orbax checkpoint (FLAT or NESTED). Every conversion is a
 `ParamSource` written lazily, one tensor group at a time, so no whole model is held in memory.
+
+The vocabulary goes along (`source_vocabulary`): a HF folder's SentencePiece `tokenizer.model`
+is copied into the t5g directory and recorded, a t5g directory's record is kept, `adapt` takes
+the decoder source's (else the encoder's), and `export` writes the recorded one (the embedded
+model included) into the HF folder as `tokenizer.model`, which transformers' GemmaTokenizer
+reads. Google checkpoints come without their tokenizer: nothing is recorded.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from t5g.checkpoints import lazy, model_dir
 from t5g.checkpoints.adapt import AdaptedSource
 from t5g.checkpoints.sources import ModelDirSource, ParamSource, TreeSource, materialize
 from t5g.compat import google_checkpoint, hf_checkpoints, hf_config, hf_verify
+from t5g.data.vocabulary import vocabulary_file
 from t5g.model.config import ModelConfig, config_from_json
 from t5g.model.presets import PRESETS, get_preset
 
@@ -93,15 +100,28 @@ def open_source(path: str, config: ModelConfig | None = None,
   return source
 
 
+def source_vocabulary(path: str, step: int | None = None) -> str | None:
+  """The vocabulary of the checkpoint at `path`, as `model_dir.store_vocabulary` takes it: a HF
+  folder's `tokenizer.model`, what a t5g step (latest when `step` is None) records; None for a
+  HF folder without tokenizer.model, a t5g step without a record, or a Google checkpoint."""
+  kind = detect(path)
+  if kind == "hf":
+    tokenizer = os.path.join(path, hf_checkpoints.TOKENIZER_FILE)
+    return tokenizer if os.path.isfile(tokenizer) else None
+  return model_dir.read_vocabulary(path, step) if kind == "t5g" else None
+
+
 def _refuse_existing(output: str) -> None:
   if model_dir.steps(output) or (os.path.isdir(output) and os.listdir(output)):
     raise FileExistsError(f"{output}: output directory exists and is not empty")
 
 
-def _write_model_dir(source: ParamSource, output: str, scan_layers: bool, step: int = 0) -> None:
-  """Writes `source` as step `step` of a new t5g directory, one tensor group at a time."""
+def _write_model_dir(source: ParamSource, output: str, scan_layers: bool, step: int = 0,
+                     vocabulary: str | None = None) -> None:
+  """Writes `source` as step `step` of a new t5g directory, one tensor group at a time, with
+  `vocabulary` (as `model_dir.save` takes it)."""
   model_dir.save(output, step, lazy.lazy_params(source, scan_layers), source.config,
-                 scan_layers, new_parameters=source.new_parameters())
+                 scan_layers, new_parameters=source.new_parameters(), vocabulary=vocabulary)
 
 
 def import_checkpoint(input_path: str, output: str, scan_layers: bool = True, step: int = 0,
@@ -110,8 +130,9 @@ def import_checkpoint(input_path: str, output: str, scan_layers: bool = True, st
   release_freed_tensors()
   kind = detect(input_path)
   _refuse_existing(output)
+  vocabulary = source_vocabulary(input_path)
   with open_source(input_path, config) as source:
-    _write_model_dir(source, output, scan_layers, step)
+    _write_model_dir(source, output, scan_layers, step, vocabulary)
   return kind
 
 
@@ -119,9 +140,11 @@ def adapt_checkpoint(encoder: str, decoder: str, output: str, cross_attention: s
                      seed: int = 0, scan_layers: bool = True,
                      encoder_config: ModelConfig | None = None,
                      decoder_config: ModelConfig | None = None) -> AdaptedSource:
-  """Writes the T5Gemma adapted from two Gemma 2 checkpoints as step 0 of `output`."""
+  """Writes the T5Gemma adapted from two Gemma 2 checkpoints as step 0 of `output`, with the
+  decoder source's vocabulary (else the encoder source's)."""
   release_freed_tensors()
   _refuse_existing(output)
+  vocabulary = source_vocabulary(decoder) or source_vocabulary(encoder)
   enc = dec = open_source(encoder, encoder_config)
   try:
     same = os.path.realpath(encoder) == os.path.realpath(decoder) and (
@@ -129,7 +152,7 @@ def adapt_checkpoint(encoder: str, decoder: str, output: str, cross_attention: s
     if not same:
       dec = open_source(decoder, decoder_config)
     adapted = AdaptedSource(enc, dec, cross_attention, seed)
-    _write_model_dir(adapted, output, scan_layers)
+    _write_model_dir(adapted, output, scan_layers, vocabulary=vocabulary)
   finally:
     enc.close()
     if dec is not enc:
@@ -143,6 +166,7 @@ def export_checkpoint(checkpoint: str, output: str, step: int | None = None,
 
   A Gemma 2 becomes a Gemma2ForCausalLM folder, a T5Gemma a T5GemmaForConditionalGeneration, a
   classifier an encoder-only T5GemmaForSequenceClassification (its class logits are compared).
+  The vocabulary the step records is written as the folder's tokenizer.model.
 
   verify: reload with transformers (when installed) and compare logits; raises above
   VERIFY_TOLERANCE, leaving the written folder for inspection.
@@ -150,12 +174,15 @@ def export_checkpoint(checkpoint: str, output: str, step: int | None = None,
   release_freed_tensors()
   verify = verify and hf_verify.transformers_available()
   with ModelDirSource(checkpoint, step) as source:
+    recorded = model_dir.read_vocabulary(checkpoint, source.step)
+    tokenizer = None if recorded is None else vocabulary_file(recorded)
     if not verify:
-      hf_checkpoints.save(output, source, dtype)
+      hf_checkpoints.save(output, source, dtype, tokenizer=tokenizer)
       return None
     # Verification needs the whole model in memory anyway: read it once, write from memory.
     params = materialize(source, source.scanned)
-  hf_checkpoints.save(output, TreeSource(params, source.config, source.scanned), dtype)
+  hf_checkpoints.save(output, TreeSource(params, source.config, source.scanned), dtype,
+                      tokenizer=tokenizer)
   stored = jax.tree_util.tree_map(lambda x: _round_to(x, dtype), params)
   diff = hf_verify.max_logit_difference(output, stored, source.config, source.scanned)
   if not diff <= VERIFY_TOLERANCE:

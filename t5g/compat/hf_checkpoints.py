@@ -26,6 +26,8 @@ from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, ClassifierConfig, ComputeC
                               EncoderDecoderConfig, ModelConfig, model_type)
 from t5g.model.models import abstract_params
 
+TOKENIZER_FILE = "tokenizer.model"  # The SentencePiece model in a HF folder, when it has one.
+
 # Layer tensors: (HF name inside a layer, t5g sub-path, conversion kind).
 _ATTN = [("q_proj", "qkv"), ("k_proj", "qkv"), ("v_proj", "qkv"), ("o_proj", "out")]
 _MLP = [("mlp.gate_proj", ("mlp", "gate_proj"), "transpose"),
@@ -173,12 +175,13 @@ def load(folder: str, scanned: bool) -> tuple[ModelConfig, dict]:
 
 
 def save(folder: str, source: ParamSource, dtype: str = "float32",
-         max_shard_bytes: int = 5 << 30) -> None:
+         max_shard_bytes: int = 5 << 30, tokenizer: str | None = None) -> None:
   """Writes a HF folder (config.json, generation_config.json but for a classifier, which does
   not generate, and safetensors) atomically.
 
   Tensors are read from `source` and written one at a time. dtype: 'float32' or 'bfloat16'.
-  Refuses to overwrite a non-empty `folder`.
+  tokenizer: a SentencePiece model file, copied in as tokenizer.model. Refuses to overwrite a
+  non-empty `folder`.
   """
   config = source.config
   np_dtype = {"float32": np.dtype(np.float32),
@@ -201,6 +204,8 @@ def save(folder: str, source: ParamSource, dtype: str = "float32",
   os.makedirs(tmp)
   try:
     safetensors_io.write_folder(tmp, plan, produce, max_shard_bytes)
+    if tokenizer is not None:
+      shutil.copyfile(tokenizer, os.path.join(tmp, TOKENIZER_FILE))
     with open(os.path.join(tmp, hf_config.CONFIG_FILE), "w") as f:
       json.dump(hf_config.config_to_hf(config, dtype), f, indent=2)
     if not isinstance(config, ClassifierConfig):

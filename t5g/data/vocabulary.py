@@ -20,17 +20,25 @@ Default choice (`SpecialTokens()`):
   Gemma's vocabulary): R `<unused96>`, X `<unused97>`, S `<unused98>`, the last three reserved
   pieces, far from the sentinel block.
 - `<unused64>` … `<unused95>` stay free for users' own control tokens.
+
+Checkpoints record the vocabulary their model was trained with (`t5g.checkpoints.model_dir`):
+the embedded model by its name, `EMBEDDED_VOCABULARY`, any other by its file. `reference` and
+`task_vocabulary` say what to record for a seqio vocabulary or task, `vocabulary_file` which
+file a recorded name stands for. seqio and TensorFlow are imported when a vocabulary is loaded,
+so that these names cost nothing to the commands that only copy files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+from typing import TYPE_CHECKING, Any
 
-import seqio
-import tensorflow as tf
+from t5g.model.config import BOS_ID, EMBEDDED_VOCABULARY, EOS_ID, PAD_ID
 
-from t5g.model.config import BOS_ID, EOS_ID, PAD_ID
+if TYPE_CHECKING:
+  import seqio
 
 EMBEDDED_VOCABULARY_PATH = os.path.join(os.path.dirname(__file__), "assets", "embedded_spm.model")
 
@@ -42,6 +50,8 @@ def get_vocabulary(path: str | None = None) -> seqio.SentencePieceVocabulary:
     FileNotFoundError: `path` does not exist.
     ValueError: the model's pad/eos/bos ids are not Gemma's 0/1/2.
   """
+  import seqio
+  import tensorflow as tf
   path = EMBEDDED_VOCABULARY_PATH if path is None else path
   if not tf.io.gfile.exists(path):
     raise FileNotFoundError(f"SentencePiece vocabulary not found: {path}")
@@ -52,6 +62,46 @@ def get_vocabulary(path: str | None = None) -> seqio.SentencePieceVocabulary:
     raise ValueError(
         f"{path}: pad/eos/bos ids are {found}; t5g needs Gemma's {(PAD_ID, EOS_ID, BOS_ID)}")
   return vocabulary
+
+
+def vocabulary_file(reference: str) -> str:
+  """The SentencePiece model file a checkpoint's recorded vocabulary stands for: the embedded
+  model for EMBEDDED_VOCABULARY, else `reference` itself (a path)."""
+  return EMBEDDED_VOCABULARY_PATH if reference == EMBEDDED_VOCABULARY else reference
+
+
+def reference(vocabulary: Any) -> str | None:
+  """What a checkpoint records for a seqio `vocabulary`: EMBEDDED_VOCABULARY for the embedded
+  model, the file of another SentencePiece vocabulary without extra ids (as `get_vocabulary`
+  makes them), None for any other kind, which t5g's text commands would not read the same way."""
+  import seqio
+  if not isinstance(vocabulary, seqio.SentencePieceVocabulary) or vocabulary.extra_ids:
+    return None
+  path = vocabulary.sentencepiece_model_file
+  if path == EMBEDDED_VOCABULARY_PATH or (
+      os.path.exists(path) and os.path.samefile(path, EMBEDDED_VOCABULARY_PATH)):
+    return EMBEDDED_VOCABULARY
+  return path
+
+
+def task_vocabulary(task: Any) -> str | None:
+  """The `reference` of the one SentencePiece vocabulary of a seqio task's or mixture's output
+  features (a classification task's label feature has none), for its checkpoints to record.
+
+  None, with a warning, when the features have no such vocabulary or several different ones:
+  text commands then need --vocabulary.
+  """
+  import seqio
+  found = {name: reference(feature.vocabulary)
+           for name, feature in task.output_features.items()
+           if isinstance(feature.vocabulary, seqio.SentencePieceVocabulary)}
+  references = set(found.values())
+  if len(references) == 1 and None not in references:
+    return references.pop()
+  logging.warning("task %s: its features' vocabularies %s are not one t5g SentencePiece "
+                  "vocabulary; its checkpoints record none (text needs --vocabulary)",
+                  task.name, found or "(none)")
+  return None
 
 
 def piece_id(vocabulary: seqio.SentencePieceVocabulary, piece: str) -> int:

@@ -5,21 +5,23 @@
         [--length_penalty=1] [--seed=0] [--vocabulary=tokenizer.model] [--batch_size=8]
         [--max_input_length=N] [--on_long_input=error|truncate]
 
-Each input line is a JSON object whose `inputs` are token ids (a list of ints) or text (which
-needs --vocabulary, a SentencePiece model; it is encoded without BOS/EOS, as `t5g score` does).
+Each input line is a JSON object whose `inputs` are token ids (a list of ints) or text, encoded
+without BOS/EOS, as `t5g score` does, by the SentencePiece model that --vocabulary names, else
+by the one the checkpoint records (`t5g.inference.scoring.text_vocabulary`; a vocabulary whose
+size is not the model's vocab_size is refused before anything is decoded).
 Blank lines are skipped. T5Gemma: the encoder reads `inputs` and the decoder starts from BOS;
 Gemma 2: `inputs` is the prompt after BOS. Decoding: t5g/inference/decoding.py (greedy at
 temperature 0, else sampling with --seed; beam search with --beam_size > 1).
 
 The parameters are loaded in the unscanned layout (converted on the host when saved scanned),
 which decodes faster. Output: every input record, in order, with `generated_ids` (the new
-tokens, up to and including EOS when one was produced) and, with --vocabulary,
-`generated_text` (those ids decoded, EOS left out). The file is written under a temporary
-name and renamed when complete, so a failed run leaves no partial output.
+tokens, up to and including EOS when one was produced) and, with a vocabulary (given or
+recorded), `generated_text` (those ids decoded, EOS left out). The file is written under a
+temporary name and renamed when complete, so a failed run leaves no partial output.
 
 Bad input fails before anything is decoded, with a ValueError naming the file and line (the
 `t5g` command prints it on one line and exits 2): a line that is not a JSON object; `inputs`
-missing, neither text nor a list of ints, or text without --vocabulary; empty `inputs`; a token
+missing, neither text nor a list of ints, or text without a vocabulary; empty `inputs`; a token
 id that is 0 (padding) or not below the vocabulary size. An input longer than
 --max_input_length fails with --on_long_input=error (the default); with truncate it is cut
 with a logged warning: T5Gemma keeps its first tokens, Gemma 2 the last ones of its prompt
@@ -50,7 +52,8 @@ def add_arguments(parser) -> None:
   parser.add_argument("--length_penalty", type=float, default=1.0,
                       help="beam score = log-prob / length ** length_penalty (transformers')")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--vocabulary", help="SentencePiece model, for text inputs and outputs")
+  parser.add_argument("--vocabulary", help="SentencePiece model, for text inputs and outputs "
+                      "(default: the one the checkpoint records)")
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--max_input_length", type=int)
   parser.add_argument("--on_long_input", choices=("error", "truncate"), default="error")
@@ -76,7 +79,8 @@ def read_inputs(path: str, encode: Callable[[str], list[int]] | None, vocab_size
       value = record.get("inputs") if isinstance(record, dict) else None
       if isinstance(value, str):
         if encode is None:
-          raise ValueError(f"{where}: 'inputs' is text; pass --vocabulary")
+          raise ValueError(f"{where}: 'inputs' is text; pass --vocabulary (the checkpoint "
+                           "records no vocabulary)")
         ids = list(encode(value))
       elif isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool)
                                            for t in value):
@@ -109,22 +113,21 @@ def run(args) -> None:
   from t5g.runtime.atomic_file import atomic_write
   from t5g.checkpoints import model_dir
   from t5g.inference.decoding import DecodeConfig, generate
+  from t5g.inference.scoring import text_vocabulary
   from t5g.model.config import EncoderDecoderConfig
 
   decode = DecodeConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                         args.beam_size, args.length_penalty)
   if args.batch_size < 1 or (args.max_input_length is not None and args.max_input_length < 1):
     raise ValueError("--batch_size and --max_input_length must be >= 1")
-  processor = None
-  if args.vocabulary:
-    import sentencepiece as spm
-    processor = spm.SentencePieceProcessor(model_file=args.vocabulary)
-  config, _, _ = model_dir.read_model(args.checkpoint, args.step)
+  config, _, step = model_dir.read_model(args.checkpoint, args.step)
+  vocabulary = text_vocabulary(args.checkpoint, step, args.vocabulary, config)
+  processor = vocabulary.tokenizer if vocabulary is not None else None
   encoder_decoder = isinstance(config, EncoderDecoderConfig)
   examples = read_inputs(args.input, processor.encode if processor else None, config.vocab_size,
                          args.max_input_length, keep_end=not encoder_decoder,
                          on_long=args.on_long_input)
-  loaded = model_dir.load(args.checkpoint, args.step, scanned=False)  # Faster (decoding.py).
+  loaded = model_dir.load(args.checkpoint, step, scanned=False)  # Faster (decoding.py).
   rng = jax.random.PRNGKey(args.seed)
   with atomic_write(args.output) as f:
     for start in range(0, len(examples), args.batch_size):

@@ -2,9 +2,10 @@
 log-probabilities, from a jsonl file.
 
 T5Gemma and Gemma 2: each input line holds `inputs` and `targets`, as lists of token ids or as
-text (text needs a SentencePiece vocabulary; it is encoded without BOS/EOS). T5Gemma: the
-encoder reads `inputs`, the decoder starts from BOS and predicts every target token. Gemma 2:
-the sequence [BOS] + inputs + targets is scored on the target tokens only.
+text (encoded without BOS/EOS by the SentencePiece vocabulary of `text_vocabulary`: the
+--vocabulary flag, else the one the checkpoint records). T5Gemma: the encoder reads `inputs`,
+the decoder starts from BOS and predicts every target token. Gemma 2: the sequence
+[BOS] + inputs + targets is scored on the target tokens only.
 
 Encoder-only classifier: each line holds `inputs` (token ids or text, as above, WITHOUT EOS)
 and optionally `label`, an int class index. EOS is appended to every input, as the
@@ -22,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5g.checkpoints import model_dir
+from t5g.data import vocabulary as vocabularies
 from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, ClassifierConfig, ComputeConfig,
                               EncoderDecoderConfig, ModelConfig)
 from t5g.model.models import make_model
@@ -39,18 +42,45 @@ class Example(NamedTuple):
   label: int | None = None
 
 
-def read_examples(path: str, vocabulary_path: str | None = None,
+def model_vocab_size(config: ModelConfig) -> int:
+  """The number of token ids the model reads (a classifier's: its encoder's)."""
+  return config.encoder.vocab_size if isinstance(config, ClassifierConfig) else config.vocab_size
+
+
+def text_vocabulary(checkpoint: str, step: int, flag: str | None, config: ModelConfig) -> Any:
+  """The SentencePiece vocabulary (seqio's, `t5g.data.vocabulary.get_vocabulary`) that encodes
+  and decodes text for step `step` of `checkpoint`: the file `flag` (--vocabulary) names when
+  given, else the one the step records, else None (text then fails as a bad line).
+
+  Raises:
+    FileNotFoundError: the vocabulary file is missing.
+    ValueError: its size is not the model's vocab_size (naming the file and both sizes), or it
+      is not a Gemma-style SentencePiece model.
+  """
+  if flag:
+    path, named = flag, f"--vocabulary={flag}"
+  else:
+    recorded = model_dir.read_vocabulary(checkpoint, step)
+    if recorded is None:
+      return None
+    path = vocabularies.vocabulary_file(recorded)
+    named = f"{path} (the vocabulary {checkpoint} records)"
+  vocabulary = vocabularies.get_vocabulary(path)
+  expected = model_vocab_size(config)
+  if vocabulary.vocab_size != expected:
+    raise ValueError(f"{named}: {vocabulary.vocab_size} pieces, but the model of {checkpoint} "
+                     f"has vocab_size {expected}; pass the vocabulary it was trained with")
+  return vocabulary
+
+
+def read_examples(path: str, encode: Callable[[str], list[int]] | None = None,
                   config: ModelConfig | None = None) -> list[Example]:
   """Parses the jsonl file; errors name the file, line and field at fault.
 
+  encode: text -> token ids (e.g. `text_vocabulary(...).tokenizer.encode`); None: text fails.
   config: the model scored; a ClassifierConfig reads classifier lines (`inputs`, optional
   `label`), anything else (or None) lines with `inputs` and `targets`.
   """
-  encode = None
-  if vocabulary_path:
-    import sentencepiece as spm
-    processor = spm.SentencePieceProcessor(model_file=vocabulary_path)
-    encode = processor.encode
   examples = []
   with open(path) as f:
     for number, line in enumerate(f, 1):
@@ -81,7 +111,8 @@ def _token_ids(record: dict[str, Any], field: str, encode: Callable | None,
   value = record.get(field)
   if isinstance(value, str):
     if encode is None:
-      raise ValueError(f"{where}: {field!r} is text; pass --vocabulary")
+      raise ValueError(f"{where}: {field!r} is text; pass --vocabulary (the checkpoint records "
+                       "no vocabulary)")
     return encode(value)
   if isinstance(value, list) and all(isinstance(t, int) for t in value):
     return value

@@ -18,6 +18,9 @@ import jax.numpy as jnp
 PAD_ID = 0
 EOS_ID = 1
 BOS_ID = 2  # Also the T5Gemma decoder start token.
+# What a checkpoint records for t5g's embedded SentencePiece model (`t5g.data.vocabulary`); any
+# other vocabulary is recorded as a copy of its file (`t5g.checkpoints.model_dir`).
+EMBEDDED_VOCABULARY = "embedded"
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_sublayer_outputs")
 

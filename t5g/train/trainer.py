@@ -33,6 +33,7 @@ from t5g.checkpoints.manager import CheckpointOptions, TrainCheckpointManager, T
 from t5g.data.classification_tasks import check_num_classes
 from t5g.data.pipeline import InputConfig, InputIterator
 from t5g.data.tasks import get_task_or_mixture
+from t5g.data.vocabulary import task_vocabulary
 from t5g.model.config import ClassifierConfig, ComputeConfig, ModelConfig
 from t5g.runtime import gin_files, partitioning
 from t5g.train import flops, run_state
@@ -188,7 +189,8 @@ def train(*, model_dir: str = gin.REQUIRED, train_input: InputConfig = gin.REQUI
   context.enter_context(jax.set_mesh(device_mesh))
   context.enter_context(nn.logical_axis_rules(rules))
   manager = context.enter_context(TrainCheckpointManager(
-      model_dir, run.config, run.scanned, checkpoint, run.new_parameters))
+      model_dir, run.config, run.scanned, checkpoint, run.new_parameters,
+      vocabulary=task_vocabulary(get_task_or_mixture(train_input.mixture_or_task_name))))
   stop = context.enter_context(_StopSignal())
   with context:
     state, rng, data_state = run_state.first_state(run, opt_phases, manager, init_checkpoint,
