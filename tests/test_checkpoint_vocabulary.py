@@ -218,10 +218,12 @@ def test_what_a_task_records(other_512):
   assert vocabularies.task_vocabulary(task(mixed)) is None
 
 
-def test_t5g_to_t5g_import_and_export_keep_the_embedded_vocabulary(trained, tmp_path):
-  copy, hf = str(tmp_path / "copy"), str(tmp_path / "hf")
+def test_t5g_to_t5g_import_average_and_export_keep_the_embedded_vocabulary(trained, tmp_path):
+  copy, averaged, hf = str(tmp_path / "copy"), str(tmp_path / "averaged"), str(tmp_path / "hf")
   assert cli.main(["import", f"--input={trained}", f"--output={copy}"]) == 0
   assert model_dir.read_vocabulary(copy) == EMBEDDED_VOCABULARY
+  assert cli.main(["average", f"--checkpoint={trained}", "--last=1", f"--output={averaged}"]) == 0
+  assert model_dir.read_vocabulary(averaged) == EMBEDDED_VOCABULARY
   assert cli.main(["export", f"--checkpoint={copy}", f"--output={hf}", "--no-verify"]) == 0
   with open(os.path.join(hf, "tokenizer.model"), "rb") as exported, \
        open(vocabularies.EMBEDDED_VOCABULARY_PATH, "rb") as embedded:

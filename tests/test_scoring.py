@@ -71,9 +71,10 @@ def test_text_with_a_trained_vocabulary(t5_checkpoint, tmp_path):
   import sentencepiece as spm
   from pydoc_data import topics
   corpus = tmp_path / "corpus.txt"
-  corpus.write_text("\n".join(list(topics.topics.values())[:40]))
+  corpus.write_text("\n".join(list(topics.topics.values())[:80]))
   spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"),
-                                 vocab_size=300, pad_id=0, eos_id=1, bos_id=2, unk_id=3)
+                                 vocab_size=512, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                                 minloglevel=2)  # The model's 512 ids (a size check).
   results = _score(tmp_path, t5_checkpoint, [{"inputs": "the for statement",
                                               "targets": "is used to iterate"}],
                    f"--vocabulary={tmp_path / 'sp.model'}")

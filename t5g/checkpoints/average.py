@@ -86,8 +86,8 @@ def average(checkpoint: str, last: int, output: str,
   `checkpoint` (of `steps` when given, else of all saved steps) to the new t5g directory
   `output` as one step numbered as the newest averaged step; returns the averaged steps.
 
-  The steps must share their model config and parameter layout; the output keeps them (without
-  `new_parameters`: averaged parameters are trained ones).
+  The steps must share their model config and parameter layout; the output keeps them and the
+  newest step's vocabulary (without `new_parameters`: averaged parameters are trained ones).
   """
   if last < 1:
     raise ValueError(f"last={last}: average at least 1 step")
@@ -117,7 +117,7 @@ def average(checkpoint: str, last: int, output: str,
   created = not os.path.exists(output)
   try:
     model_dir.save(output, chosen[-1], _averaged_tree(checkpoint, chosen, abstract), config,
-                   scanned)
+                   scanned, vocabulary=model_dir.read_vocabulary(checkpoint, chosen[-1]))
   except BaseException:
     # Nothing half-written: `output` was absent or empty, so all it holds is from this attempt.
     for name in os.listdir(output) if os.path.isdir(output) else []:

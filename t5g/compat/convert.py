@@ -100,15 +100,15 @@ def open_source(path: str, config: ModelConfig | None = None,
   return source
 
 
-def source_vocabulary(path: str, step: int | None = None) -> str | None:
+def source_vocabulary(path: str) -> str | None:
   """The vocabulary of the checkpoint at `path`, as `model_dir.store_vocabulary` takes it: a HF
-  folder's `tokenizer.model`, what a t5g step (latest when `step` is None) records; None for a
-  HF folder without tokenizer.model, a t5g step without a record, or a Google checkpoint."""
+  folder's `tokenizer.model`, what a t5g directory's latest step records; None for a HF folder
+  without tokenizer.model, a t5g step without a record, or a Google checkpoint."""
   kind = detect(path)
   if kind == "hf":
     tokenizer = os.path.join(path, hf_checkpoints.TOKENIZER_FILE)
     return tokenizer if os.path.isfile(tokenizer) else None
-  return model_dir.read_vocabulary(path, step) if kind == "t5g" else None
+  return model_dir.read_vocabulary(path) if kind == "t5g" else None
 
 
 def _refuse_existing(output: str) -> None:
