@@ -273,7 +273,8 @@ def print_tokamax(result: dict) -> None:
             f"({flops / row['forward_s'] / 1e12:5.1f} TFLOP/s)  fwd+bwd "
             f"{row['forward_backward_s'] * 1e3:7.2f} ms ({3 * flops / row['forward_backward_s'] / 1e12:5.1f})"
             f"  max|dout| {row['max_abs_out_diff']:.2e}  max|dgrad|/max|grad| "
-            f"{row['max_rel_grad_diff']:.2e}")
+            f"{row['max_rel_grad_diff']:.2e}"
+            + ("" if row.get("compared_with") == "t5g dense" else f" vs {row.get('compared_with')}"))
 
 
 def main() -> None:

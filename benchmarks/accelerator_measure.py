@@ -313,9 +313,9 @@ def measure_tokamax(settings: dict, result: Result, deadline: float) -> None:
       try:
         rows[name] = time_attention(attend, q, key, value, cotangent, settings)
         out, grads = rows[name].pop("values")
-        if reference is None:
-          reference = (out, grads)
-        rows[name].update(compare(out, grads, *reference))
+        if reference is None:  # t5g dense, unless it failed.
+          reference = (name, out, grads)
+        rows[name].update(compare(out, grads, *reference[1:]), compared_with=reference[0])
       except Exception as error:  # noqa: BLE001 - a probe: report the failure, go on.
         rows[name] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
       print(f"tokamax probe {case} {name}: {json.dumps(rows[name])}", flush=True)
