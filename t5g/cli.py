@@ -192,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Entry point of the `t5g` console script."""
+  """Entry point of the `t5g` console script (and of `python -m t5g`), which pass no `argv`."""
+  if argv is None:  # t5g is the program: the console is t5g's.
+    from t5g.runtime import console
+    console.quiet()
   argv = sys.argv[1:] if argv is None else list(argv)
   gin_flags = [a[len("--gin."):] for a in argv if a.startswith("--gin.")]
   args = build_parser().parse_args([a for a in argv if not a.startswith("--gin.")])
