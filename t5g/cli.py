@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     module.add_arguments(p)
     p.set_defaults(fn=module.run, gin_flags=[])
 
+  from t5g.runtime import gin_files
+  for name in GIN_COMMANDS:
+    sub.choices[name].epilog = gin_files.FLAGS_HELP
+    sub.choices[name].formatter_class = argparse.RawDescriptionHelpFormatter
   return parser
 
 

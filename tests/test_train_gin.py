@@ -109,6 +109,24 @@ def test_unknown_binding_fails_naming_it(tmp_path, monkeypatch, capsys, binding,
   assert not os.path.exists(tmp_path / "run")
 
 
+def test_unquoted_text_value_gets_a_hint(tmp_path, monkeypatch, capsys):
+  status, stderr = _t5g_in_process(
+      "train", "--gin_file=experiments/embedded_gemma2_teacher.gin", "--gin.MODEL_DIR=runs/x",
+      cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+  assert status == 2
+  assert stderr.startswith("t5g train: error: gin: cannot read 'MODEL_DIR = runs/x' ")
+  assert "--gin.NAME=\"'text'\"" in stderr
+
+
+def test_error_in_a_gin_file_names_file_and_line(tmp_path, monkeypatch, capsys):
+  (tmp_path / "typo.gin").write_text("include 'experiments/embedded_gemma2_teacher.gin'\n"
+                                     "t5g.OptimizerConfig.learning_rat = 0.1\n")
+  status, stderr = _t5g_in_process("train", "--gin_file=typo.gin", cwd=tmp_path,
+                                   monkeypatch=monkeypatch, capsys=capsys)
+  assert status == 2
+  assert "learning_rat" in stderr and f'In file "{tmp_path}/typo.gin", line 2' in stderr
+
+
 def test_missing_gin_file_is_named(tmp_path, monkeypatch, capsys):
   status, stderr = _t5g_in_process("train", "--gin_file=experiments/nope.gin", cwd=tmp_path,
                                    monkeypatch=monkeypatch, capsys=capsys)

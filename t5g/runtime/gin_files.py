@@ -18,12 +18,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tokenize
 from typing import Iterator, Sequence, TextIO
 
 import gin
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "gin")
+# The gin flags of `t5g train`, `eval` and `precompile`, for their --help (kept as laid out).
+FLAGS_HELP = """gin flags:
+  --gin_file=F      a gin file, found under the working directory, then under t5g's gin/
+                    folder (e.g. experiments/embedded_gemma2_teacher.gin); repeat to layer files
+  --gin.NAME=VALUE  binds a macro or parameter after the files, e.g. --gin.TRAIN_STEPS=100;
+                    VALUE is gin, so text is quoted: --gin.MODEL_DIR="'runs/x'"
+See gin/README.md for the files and their macros."""
 
 
 def parse(gin_files: Sequence[str], bindings: Sequence[str], check: bool = True) -> None:
@@ -36,14 +44,33 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], check: bool = True)
   """
   gin.clear_config()
   with _read_files_only():
-    try:
-      gin.parse_config_files_and_bindings(list(gin_files), list(bindings),
-                                          finalize_config=False)
-    except (ValueError, KeyError, SyntaxError, TypeError) as e:
-      raise ValueError(f"gin: {e}") from None
+    for name in gin_files:
+      try:
+        gin.parse_config_file(name)
+      except tokenize.TokenError as e:  # An unclosed bracket: gin does not say where.
+        raise ValueError(f"gin: {e.args[0]} in {name} or a file it includes") from None
+      except (ValueError, KeyError, SyntaxError, TypeError) as e:
+        raise ValueError(f"gin: {_one_line(e)}") from None
+    for binding in bindings:
+      try:
+        gin.parse_config(binding)
+      except (SyntaxError, tokenize.TokenError) as e:
+        detail = e.args[0] if isinstance(e, tokenize.TokenError) else str(e).splitlines()[-1]
+        hint = ("; text is quoted: NAME = 'text', on the command line --gin.NAME=\"'text'\""
+                if detail.strip().startswith("Failed to parse token") else "")
+        raise ValueError(f"gin: cannot read {binding!r} ({detail.strip()}){hint}") from None
+      except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"gin: {binding!r}: {str(e).splitlines()[0]}") from None
   if check:
     check_required()
     gin.finalize()
+
+
+def _one_line(error: Exception) -> str:
+  """gin's message on one line: what is wrong, then where (gin puts the file, line and text on
+  lines of their own, which the command line's one-line errors would drop)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip(" ^")]
+  return lines[0] + (f" ({'; '.join(lines[1:])})" if len(lines) > 1 else "")
 
 
 def resolve(name: str, included_from: str | None = None) -> str:
