@@ -103,3 +103,17 @@ def test_copy_without_noise_passes_partial_lines_and_progress_bars():
   os.close(read_end)
   with os.fdopen(read_back, "rb") as copied:
     assert copied.read() == b"10%\r50%\rkept\nno newline at the end"
+
+
+def test_t5g_quiet_0_leaves_the_console_alone(tmp_path):
+  script = textwrap.dedent("""
+      import os
+      from t5g.runtime import console
+      console.quiet()
+      os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are "
+                  b"written to STDERR\\n")
+  """)
+  run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path,
+                       env={**_environment(), "T5G_QUIET": "0"}, capture_output=True, text=True,
+                       timeout=60)
+  assert run.returncode == 0 and "absl::InitializeLog" in run.stderr, run.stderr
