@@ -189,11 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     module.add_arguments(p)
     p.set_defaults(fn=module.run, gin_flags=[])
 
+  from t5g.runtime import gin_files
+  for name in GIN_COMMANDS:
+    sub.choices[name].epilog = gin_files.FLAGS_HELP
+    sub.choices[name].formatter_class = argparse.RawDescriptionHelpFormatter
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Entry point of the `t5g` console script."""
+  """Entry point of the `t5g` console script (and of `python -m t5g`), which pass no `argv`."""
+  if argv is None:  # t5g is the program: the console is t5g's.
+    from t5g.runtime import console
+    console.quiet()
   argv = sys.argv[1:] if argv is None else list(argv)
   gin_flags = [a[len("--gin."):] for a in argv if a.startswith("--gin.")]
   args = build_parser().parse_args([a for a in argv if not a.startswith("--gin.")])

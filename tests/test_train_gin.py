@@ -109,10 +109,66 @@ def test_unknown_binding_fails_naming_it(tmp_path, monkeypatch, capsys, binding,
   assert not os.path.exists(tmp_path / "run")
 
 
+def test_unquoted_text_value_gets_a_hint(tmp_path, monkeypatch, capsys):
+  status, stderr = _t5g_in_process(
+      "train", "--gin_file=experiments/embedded_gemma2_teacher.gin", "--gin.MODEL_DIR=runs/x",
+      cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+  assert status == 2
+  assert stderr.startswith("t5g train: error: gin: cannot read 'MODEL_DIR = runs/x' ")
+  assert "--gin.NAME=\"'text'\"" in stderr
+
+
+def test_error_in_a_gin_file_names_file_and_line(tmp_path, monkeypatch, capsys):
+  (tmp_path / "typo.gin").write_text("include 'experiments/embedded_gemma2_teacher.gin'\n"
+                                     "t5g.OptimizerConfig.learning_rat = 0.1\n")
+  status, stderr = _t5g_in_process("train", "--gin_file=typo.gin", cwd=tmp_path,
+                                   monkeypatch=monkeypatch, capsys=capsys)
+  assert status == 2
+  assert "learning_rat" in stderr and f'In file "{tmp_path}/typo.gin", line 2' in stderr
+
+
 def test_missing_gin_file_is_named(tmp_path, monkeypatch, capsys):
   status, stderr = _t5g_in_process("train", "--gin_file=experiments/nope.gin", cwd=tmp_path,
                                    monkeypatch=monkeypatch, capsys=capsys)
   assert status == 2 and "experiments/nope.gin" in stderr
+
+
+def _user_folders(cwd) -> None:
+  """Folders named like gin's layers, with unrelated content, as a user's working directory
+  has them (the embedded default leaves runs/embedded/)."""
+  for folder in ("runs/embedded/gemma2", "models", "experiments"):
+    os.makedirs(cwd / folder)
+    (cwd / folder / "notes.txt").write_text("not a gin file\n")
+
+
+def test_includes_are_files_with_same_named_folders_in_the_working_directory(tmp_path):
+  """`python -m t5g` puts the working directory on sys.path: its runs/, models/ and
+  experiments/ folders must not be taken for the Python packages gin could read includes from.
+  MODEL_DIR is declared REQUIRED in runs/pretrain.gin: its error proves the includes were read."""
+  _user_folders(tmp_path)
+  run = _t5g("train", "--gin_file=experiments/embedded_gemma2_teacher.gin", cwd=str(tmp_path))
+  assert run.returncode == 2, run.stderr[-3000:]
+  assert "required value(s) not set: MODEL_DIR" in run.stderr, run.stderr[-3000:]
+
+
+def test_parse_with_the_working_directory_on_sys_path(tmp_path, monkeypatch):
+  """As under `python -m pytest` from a directory with a runs/ folder."""
+  _user_folders(tmp_path)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert _missing(["experiments/embedded_gemma2_teacher.gin"]) == ["MODEL_DIR"]
+  gin.clear_config()
+
+
+def test_working_directory_file_comes_before_gin_dir(tmp_path, monkeypatch):
+  (tmp_path / "runs").mkdir()
+  (tmp_path / "runs" / "pretrain.gin").write_text("include 'runs/nope.gin'\n")
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(FileNotFoundError) as error:
+    gin_files.parse(["experiments/embedded_gemma2_teacher.gin"], [])
+  first_line = str(error.value).splitlines()[0]
+  assert first_line == (f"gin: include 'runs/nope.gin' in {tmp_path}/runs/pretrain.gin: no "
+                        f"such file (looked in {tmp_path} and {gin_files.GIN_DIR})")
 
 
 def test_train_writes_config_gin_events_and_checkpoint(tmp_path):
