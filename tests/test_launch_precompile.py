@@ -224,3 +224,19 @@ def test_compiled_report_verdict():
   """A compiled program's verdict gives the total and the HBM."""
   assert _report(98).lines()[-1] == "  DOES NOT FIT: needs 98.000 GiB of 95.000 GiB (103% of HBM)"
   assert _report(30).lines()[-1] == "  FITS: needs 30.000 GiB of 95.000 GiB (32% of HBM)"
+
+
+def test_largest_batch_lines():
+  """The estimate's line: rows per batch shard (and microbatch), or none, saying why."""
+  one_row = _report(23)
+  assert precompile.LargestBatch(240, 15, 93 * GIB, 1, 16, one_row).line() == (
+      "  largest batch that fits: 240 (15 rows per batch shard): ≈ 93.00 GiB (98% of HBM), "
+      "estimated per row from batch 16 compiled: 23.00 GiB and this batch")
+  assert precompile.LargestBatch(480, 15, 93 * GIB, 2, 32, one_row).line().startswith(
+      "  largest batch that fits: 480 (15 rows per batch shard in each of 2 microbatches)")
+  refused = _report(100, temporaries_gib=97, available_gib=95.74)
+  assert precompile.LargestBatch(0, 0, 0, 1, 16, refused).line() == (
+      "  largest batch that fits: none (batch 16 refused by libtpu too: at least 100.00 GiB)")
+  assert precompile.LargestBatch(0, 0, 0, 1, 16, None).line() == (
+      "  largest batch that fits: none; the run's batch has no more than one row per batch "
+      "shard (and microbatch)")

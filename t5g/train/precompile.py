@@ -118,6 +118,7 @@ class LargestBatch:
   batch_size: int  # 0: not even one row per batch shard fits
   rows: int        # per batch shard and microbatch
   total: int       # estimated bytes per device at batch_size (0 when none fits)
+  num_microbatches: int
   one_row_batch_size: int
   one_row: MemoryReport | None  # None when the run's batch is already one row per batch shard
 
@@ -126,11 +127,17 @@ class LargestBatch:
     if self.one_row is None:
       return ("  largest batch that fits: none; the run's batch has no more than one row per "
               "batch shard (and microbatch)")
-    measured = (f"batch {self.one_row_batch_size} compiled: {self.one_row.total / GIB:.2f} GiB"
-                + ("" if self.one_row.fits else ", DOES NOT FIT"))
+    if self.one_row.out_of_memory is not None:
+      measured = (f"batch {self.one_row_batch_size} refused by libtpu too: at least "
+                  f"{self.one_row.total / GIB:.2f} GiB")
+    else:
+      measured = (f"batch {self.one_row_batch_size} compiled: {self.one_row.total / GIB:.2f} GiB"
+                  + ("" if self.one_row.fits else ", DOES NOT FIT"))
     if not self.batch_size:
       return f"  largest batch that fits: none ({measured})"
-    return (f"  largest batch that fits: {self.batch_size} ({self.rows} rows per batch shard): "
+    rows = (f"{self.rows} rows per batch shard" if self.num_microbatches == 1 else
+            f"{self.rows} rows per batch shard in each of {self.num_microbatches} microbatches")
+    return (f"  largest batch that fits: {self.batch_size} ({rows}): "
             f"≈ {self.total / GIB:.2f} GiB ({self.total / self.one_row.hbm:.0%} of HBM), "
             f"estimated per row from {measured} and this batch")
 
@@ -263,7 +270,7 @@ def compile_phases(values: dict[str, Any], devices: list[Any], hbm: int, only: i
                         f"phase {index} at batch {data.batch_size}")
       largest = None
       if not report.fits:
-        largest = LargestBatch(0, 0, 0, one_row_batch_size, None)
+        largest = LargestBatch(0, 0, 0, values["num_microbatches"], one_row_batch_size, None)
         if data.batch_size > one_row_batch_size:
           one_row_batch = abstract_batch(
               dataclasses.replace(data, batch_size=one_row_batch_size), mesh)
@@ -271,8 +278,8 @@ def compile_phases(values: dict[str, Any], devices: list[Any], hbm: int, only: i
                              run.param_shapes, phase.state_shapes, hbm,
                              f"phase {index} at batch {one_row_batch_size}")
           rows, total = largest_rows(one_row, report, data.batch_size / one_row_batch_size)
-          largest = LargestBatch(rows * one_row_batch_size, rows, total, one_row_batch_size,
-                                 one_row)
+          largest = LargestBatch(rows * one_row_batch_size, rows, total,
+                                 values["num_microbatches"], one_row_batch_size, one_row)
       yield PhaseReport(index, dict(mesh.shape), data.batch_size, report, largest)
 
 
