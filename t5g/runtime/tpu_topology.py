@@ -9,7 +9,9 @@ splits over the DCN axes.
 
 HBM per chip (Google's figures: v4 32 GiB, v5e 16 GB, v5p 95 GB, v6e 32 GB) is the capacity the
 memory report compares against, read as GiB; the runtime reserves a little of it, so a program
-within a few percent of it may still not fit.
+within a few percent of it may still not fit. libtpu itself refuses to compile a program whose
+temporaries alone exceed what it has for them (`parse_out_of_memory` reads its message; that
+program's report is then `rejected_report`).
 """
 
 from __future__ import annotations
@@ -98,8 +100,40 @@ def shard_bytes(tree: Any) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class OutOfMemory:
+  """libtpu's refusal to compile a program: the HBM its temporaries need, and what it has for
+  them, in bytes per device."""
+
+  temporaries: int
+  available: int
+
+
+# libtpu 0.0.42's message; its sizes are binary (G = 2**30 bytes).
+_OUT_OF_MEMORY = re.compile(
+    r"RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+    r"temporaries \(([\d.]+)([KMGTP]?)B?\) exceeds available HBM \(([\d.]+)([KMGTP]?)B?\)")
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40, "P": 2 ** 50}
+
+
+def parse_out_of_memory(message: str) -> OutOfMemory | None:
+  """The needed and available HBM in libtpu's out-of-memory compile error `message`, or None when
+  the message is not that error."""
+  match = _OUT_OF_MEMORY.search(message)
+  if match is None:
+    return None
+  needed, needed_unit, available, available_unit = match.groups()
+  return OutOfMemory(round(float(needed) * _UNITS[needed_unit]),
+                     round(float(available) * _UNITS[available_unit]))
+
+
+@dataclasses.dataclass(frozen=True)
 class MemoryReport:
-  """Per-device bytes of a compiled train step, and whether they fit the chip's HBM."""
+  """Per-device bytes of a compiled train step, and whether they fit the chip's HBM.
+
+  A program libtpu refused to compile (`rejected_report`) has its `out_of_memory`, the
+  temporaries libtpu reported, and no outputs or code (unknown: never built); its total is then
+  a lower bound, and it never fits.
+  """
 
   parameters: int
   optimizer_state: int
@@ -108,28 +142,40 @@ class MemoryReport:
   unaliased_outputs: int  # outputs not written over donated inputs (the metrics)
   code: int
   hbm: int
+  out_of_memory: OutOfMemory | None = None
 
   @property
   def total(self) -> int:
-    """Everything a device holds while the step runs."""
+    """Everything a device holds while the step runs (at least, for a rejected program)."""
     return (self.parameters + self.optimizer_state + self.other_inputs + self.temporaries
             + self.unaliased_outputs + self.code)
 
   @property
   def fits(self) -> bool:
-    """Whether the total is within the HBM of one device."""
-    return self.total <= self.hbm
+    """Whether libtpu compiled the program and its total is within the HBM of one device."""
+    return self.out_of_memory is None and self.total <= self.hbm
 
   def lines(self) -> list[str]:
     """The report as aligned text lines, ending with FITS or DOES NOT FIT."""
+    if self.out_of_memory is None:
+      rows = [("parameters", self.parameters), ("optimizer state", self.optimizer_state),
+              ("other inputs", self.other_inputs), ("temporaries", self.temporaries),
+              ("outputs (not donated)", self.unaliased_outputs), ("generated code", self.code),
+              ("total", self.total), ("HBM", self.hbm)]
+      out = [f"  {name:<22} {_size(value)}" for name, value in rows]
+      verdict = "FITS" if self.fits else "DOES NOT FIT"
+      return out + [f"  {verdict}: needs {_size(self.total).strip()} of "
+                    f"{_size(self.hbm).strip()} ({self.total / self.hbm:.0%} of HBM)"]
     rows = [("parameters", self.parameters), ("optimizer state", self.optimizer_state),
-            ("other inputs", self.other_inputs), ("temporaries", self.temporaries),
-            ("outputs (not donated)", self.unaliased_outputs), ("generated code", self.code),
-            ("total", self.total), ("HBM", self.hbm)]
+            ("other inputs", self.other_inputs), ("temporaries (libtpu)", self.temporaries),
+            ("total, at least", self.total), ("HBM", self.hbm)]
     out = [f"  {name:<22} {_size(value)}" for name, value in rows]
-    verdict = "FITS" if self.fits else "DOES NOT FIT"
-    out.append(f"  {verdict} ({self.total / self.hbm:.0%} of HBM)")
-    return out
+    return out + [
+        f"  DOES NOT FIT: libtpu refused to compile it, its temporaries needing "
+        f"{_size(self.out_of_memory.temporaries).strip()} of the "
+        f"{_size(self.out_of_memory.available).strip()} it has for them; the step needs at "
+        f"least {_size(self.total).strip()} of {_size(self.hbm).strip()} "
+        f"({self.total / self.hbm:.0%} of HBM)"]
 
 
 def _size(size: int) -> str:
@@ -150,3 +196,16 @@ def memory_report(compiled: Any, params: Any, opt_state: Any, hbm: int) -> Memor
       temporaries=stats.temp_size_in_bytes,
       unaliased_outputs=stats.output_size_in_bytes - stats.alias_size_in_bytes,
       code=stats.generated_code_size_in_bytes, hbm=hbm)
+
+
+def rejected_report(out_of_memory: OutOfMemory, inputs: Any, params: Any, opt_state: Any,
+                    hbm: int) -> MemoryReport:
+  """The per-device memory of a step libtpu refused to compile (`out_of_memory`), whose inputs
+  `inputs` (ShapeDtypeStructs with shardings) hold `params` and `opt_state`, against `hbm`
+  bytes: the inputs' shards and libtpu's temporaries; outputs and code are not known."""
+  param_bytes, opt_bytes = shard_bytes(params), shard_bytes(opt_state)
+  return MemoryReport(
+      parameters=param_bytes, optimizer_state=opt_bytes,
+      other_inputs=shard_bytes(inputs) - param_bytes - opt_bytes,
+      temporaries=out_of_memory.temporaries, unaliased_outputs=0, code=0, hbm=hbm,
+      out_of_memory=out_of_memory)
