@@ -6,8 +6,10 @@
 
 - predict metrics (a metric function taking `predictions`): a T5Gemma decodes each example's
   `inputs` with `t5g.inference.decoding.generate` (`config.decode`), the tokens before the
-  first EOS are decoded to text by the task's vocabulary and postprocessed; the encoder-only
-  classifier predicts the arg-max class.
+  first EOS (or padding) are decoded to text by the task's vocabulary and postprocessed (the
+  rows handed to seqio keep the decode length, `cut_at_eos`: seqio stacks them into one array,
+  and a trained model stops at different positions); the encoder-only classifier predicts the
+  arg-max class.
 - score metrics (taking `scores`): a T5Gemma's teacher-forced log-likelihood of the targets
   (the sum over target tokens of log p); the classifier's log-probability of the label.
 
