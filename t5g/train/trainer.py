@@ -17,7 +17,7 @@ evaluated, so what fails there (writing logs, the eval split, the seqio evaluati
 step's training: a failure there saves the step if it was not due (with the data position, as
 every save) and waits until it is written before the error propagates. A failed seqio evaluation
 stops the run (`EvaluationFailed`, naming the task, the step and the cause; the cause's traceback
-is logged and chained), as in T5X, rather than training on without it: the failure is a bug or a
+is logged), as in T5X, rather than training on without it: the failure is a bug or a
 broken setup that recurs at every evaluation, the metrics are what the run is judged by (the last
 step's evaluation is often the point of the run), and stopping loses nothing, since rerunning the
 same command resumes from the saved step and `t5g eval` evaluates it.
@@ -80,8 +80,8 @@ def _evaluation_failed(evaluation: PeriodicEvaluation, model_dir: str, step: int
   first_line = str(cause).splitlines()[0] if str(cause) else ""
   return EvaluationFailed(
       f"{model_dir}: the evaluation of {task} at step {step} failed: {type(cause).__name__}: "
-      f"{first_line} (traceback above). The run stopped after saving step {step}: rerun the "
-      f"same command to continue, `t5g eval` to evaluate a saved step.")
+      f"{first_line} (its traceback is logged above). The run stopped after saving step "
+      f"{step}: rerun the same command to continue, `t5g eval` to evaluate a saved step.")
 
 
 class _StopSignal:
