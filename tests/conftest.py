@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random transformers models saved as HF folders, built once per session.
+"""Shared fixtures, built once per session: tiny random transformers models saved as HF folders,
+random t5g checkpoints, and a tiny T5Gemma trained on arithmetic (`trained_arithmetic`).
 
 The models are sized so that every Gemma 2 detail matters: sequences longer than the local
 window, GQA, an unbalanced encoder/decoder, random (non-zero) norm scales and embeddings large
@@ -64,3 +65,12 @@ def tiny_classifier_checkpoint(tmp_path_factory):
   from tests import hf_models
   return hf_models.tiny_classifier_checkpoint(
       str(tmp_path_factory.mktemp("tiny_classifier") / "ckpt"))
+
+
+@pytest.fixture(scope="session")
+def trained_arithmetic(tmp_path_factory):
+  """A t5gemma-tiny-tiny trained by `t5g train` on arithmetic instructions
+  (tests/trained_fixture.py), evaluated by the trainer at its last step; read-only. A dict:
+  model_dir, train_files, validation_files, seconds (the training's wall time)."""
+  from tests import trained_fixture
+  return trained_fixture.train_arithmetic(str(tmp_path_factory.mktemp("trained_arithmetic")))

@@ -6,8 +6,10 @@
 
 - predict metrics (a metric function taking `predictions`): a T5Gemma decodes each example's
   `inputs` with `t5g.inference.decoding.generate` (`config.decode`), the tokens before the
-  first EOS are decoded to text by the task's vocabulary and postprocessed; the encoder-only
-  classifier predicts the arg-max class.
+  first EOS (or padding) are decoded to text by the task's vocabulary and postprocessed (the
+  rows handed to seqio keep the decode length, `cut_at_eos`: seqio stacks them into one array,
+  and a trained model stops at different positions); the encoder-only classifier predicts the
+  arg-max class.
 - score metrics (taking `scores`): a T5Gemma's teacher-forced log-likelihood of the targets
   (the sum over target tokens of log p); the classifier's log-probability of the label.
 
@@ -122,10 +124,18 @@ def result_lines(results: Mapping[str, Mapping[str, float]], step: int) -> list[
           for task, metrics in results.items()]
 
 
-def until_eos(tokens: np.ndarray) -> list[int]:
-  """The tokens [N] before the first EOS (or padding 0)."""
-  stop = np.flatnonzero((tokens == EOS_ID) | (tokens == 0))
-  return tokens[:stop[0] if stop.size else len(tokens)].tolist()
+def cut_at_eos(tokens: np.ndarray) -> np.ndarray:
+  """Generated rows [B, N] cut at their first EOS or padding 0: that token becomes EOS and all
+  after it padding, so every row keeps the width N.
+
+  seqio's Evaluator stacks a task's predictions into one array (rows of different lengths do not
+  stack) and its vocabulary decodes each row up through the first EOS, so a row decodes to the
+  tokens before its first EOS or padding.
+  """
+  stops = (tokens == EOS_ID) | (tokens == 0)
+  after = np.cumsum(stops, axis=1) > 0
+  first = after & ~np.pad(after[:, :-1], [(0, 0), (1, 0)])
+  return np.where(first, EOS_ID, np.where(after, 0, tokens)).astype(np.int32)
 
 
 class Evaluator:
@@ -179,7 +189,10 @@ class Evaluator:
     """`batch`, which every host holds whole, replicated over the mesh."""
     return {name: from_every_host(value, self._replicated) for name, value in batch.items()}
 
-  def _predict(self, params: Any) -> Callable[[Any], list[tuple[int, list[int]]]]:
+  def _predict(self, params: Any) -> Callable[[Any], list[tuple[int, Any]]]:
+    """seqio's predict_fn: (example index, token row) per example; the rows of one task have
+    one width (seqio stacks them into one array), decoded by the task's vocabulary up through
+    the first EOS: the classifier's [class], a T5Gemma's `cut_at_eos` generated tokens."""
     if isinstance(self.model.config, ClassifierConfig):
       def classify_fn(dataset) -> list[tuple[int, list[int]]]:
         out = []
@@ -188,7 +201,7 @@ class Evaluator:
           out.extend((index, [int(c)]) for index, c in zip(indices.tolist(), classes))
         return out
       return classify_fn
-    def predict_fn(dataset) -> list[tuple[int, list[int]]]:
+    def predict_fn(dataset) -> list[tuple[int, np.ndarray]]:
       out = []
       for number, (indices, batch) in enumerate(self._batches(dataset)):
         rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), number)
@@ -196,11 +209,12 @@ class Evaluator:
                              self.config.decode, rng=rng, compute=self.model.compute,
                              scanned=self.model.compute.scan_layers, mesh=self.model.mesh,
                              rules=self.model.rules)
-        out.extend(zip(indices.tolist(), [until_eos(row) for row in np.asarray(generated.tokens)]))
+        out.extend(zip(indices.tolist(), cut_at_eos(np.asarray(generated.tokens))))
       return out
     return predict_fn
 
   def _scores(self, params: Any) -> Callable[[Any], list[tuple[int, float]]]:
+    """seqio's score_fn: (example index, log-likelihood) per example."""
     def score_fn(dataset) -> list[tuple[int, float]]:
       out = []
       for indices, batch in self._batches(dataset):

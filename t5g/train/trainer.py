@@ -11,6 +11,16 @@ runs every `evaluation_every` steps, and the checkpoint manager saves every `sav
 with the data iterator's position, so a restarted run continues exactly. SIGTERM or SIGINT saves the
 current step and returns; a non-finite loss stops the run before anything from that step is
 saved.
+
+Order within a step: the loss is checked, then the step is saved (when due), then logged and
+evaluated, so what fails there (writing logs, the eval split, the seqio evaluation) never costs the
+step's training: a failure there saves the step if it was not due (with the data position, as
+every save) and waits until it is written before the error propagates. A failed seqio evaluation
+stops the run (`EvaluationFailed`, naming the task, the step and the cause; the cause's traceback
+is logged), as in T5X, rather than training on without it: the failure is a bug or a
+broken setup that recurs at every evaluation, the metrics are what the run is judged by (the last
+step's evaluation is often the point of the run), and stopping loses nothing, since rerunning the
+same command resumes from the saved step and `t5g eval` evaluates it.
 """
 
 from __future__ import annotations
@@ -47,6 +57,8 @@ class PeriodicEvaluation(Protocol):
   """What `train(evaluation=...)` runs every `evaluation_every` steps; `t5g.EvalConfig`
   (`t5g.evaluation`, a seqio evaluation) is one. The trainer does not import evaluation."""
 
+  mixture_or_task_name: str  # What it evaluates, named in the error when it fails.
+
   def build(self, model: PlacedModel, model_dir: str, write: bool
             ) -> Callable[[Any, int], list[str]]:
     """A function (params, step) -> the console lines of the results (written when `write`)."""
@@ -54,6 +66,23 @@ class PeriodicEvaluation(Protocol):
 
 class NonFiniteLoss(FloatingPointError):
   """The loss became NaN or infinite; the run stopped without saving that step."""
+
+
+class EvaluationFailed(Exception):
+  """The periodic evaluation raised; the run stopped after saving (or keeping) its checkpoints.
+  Not a ValueError: an evaluation that fails on a trained model is a bug, not bad input."""
+
+
+def _evaluation_failed(evaluation: PeriodicEvaluation, model_dir: str, step: int,
+                       cause: Exception) -> EvaluationFailed:
+  """Logs `cause` (being handled) with its traceback; returns the error that stops the run."""
+  task = evaluation.mixture_or_task_name
+  logging.exception("%s: the evaluation of %s at step %d failed", model_dir, task, step)
+  first_line = str(cause).splitlines()[0] if str(cause) else ""
+  return EvaluationFailed(
+      f"{model_dir}: the evaluation of {task} at step {step} failed: {type(cause).__name__}: "
+      f"{first_line} (its traceback is logged above). The run stopped after saving step "
+      f"{step}: rerun the same command to continue, `t5g eval` to evaluate a saved step.")
 
 
 class _StopSignal:
@@ -209,6 +238,12 @@ def train(*, model_dir: str = gin.REQUIRED, train_input: InputConfig = gin.REQUI
                                                    teacher_shardings)
       return compiled[index]
 
+    def save(step: int, values: dict[str, float]) -> None:
+      nonlocal last_saved
+      manager.save(TrainState(step, state.params, state.opt_state, rng, data.state()),
+                   metrics={"loss": values["loss"]}, force=True)
+      last_saved = step
+
     def check(step: int, metrics: Any) -> dict[str, float]:
       values = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if not math.isfinite(values["loss"]):
@@ -234,23 +269,34 @@ def train(*, model_dir: str = gin.REQUIRED, train_input: InputConfig = gin.REQUI
       stopping = stop.anywhere()
       log_now = done % log_every == 0 or done == train_steps or stopping
       save_now = manager.should_save(done) or done == train_steps or stopping
-      if log_now or save_now:
+      eval_now = eval_input is not None and eval_every and (done % eval_every == 0
+                                                            or done == train_steps)
+      evaluate_now = evaluate is not None and (done % evaluation_every == 0 or done == train_steps)
+      if log_now or save_now or eval_now or evaluate_now:
         values, pending = check(*pending), None
-      if log_now:
-        last = {**logger.flush(done), "step": done}
-      if eval_input is not None and eval_every and (done % eval_every == 0 or done == train_steps):
-        logger.write(done, _evaluate(eval_step, state.params, eval_input, shard, device_mesh,
-                                     eval_steps), "eval")
-        logger.restart_clock()
-      if evaluate is not None and (done % evaluation_every == 0 or done == train_steps):
-        for line in evaluate(state.params, done):
-          if writer:
-            print(line, flush=True)
-        logger.restart_clock()
-      if save_now:
-        manager.save(TrainState(done, state.params, state.opt_state, rng, data.state()),
-                     metrics={"loss": values["loss"]}, force=True)
-        last_saved = done
+      if save_now:  # First: whatever fails below (logging, evaluation), this step is kept.
+        save(done, values)
+      try:
+        if log_now:
+          last = {**logger.flush(done), "step": done}
+        if eval_now:
+          logger.write(done, _evaluate(eval_step, state.params, eval_input, shard, device_mesh,
+                                       eval_steps), "eval")
+          logger.restart_clock()
+        if evaluate_now:
+          try:
+            lines = evaluate(state.params, done)
+          except Exception as e:
+            raise _evaluation_failed(evaluation, model_dir, done, e) from e
+          for line in lines:
+            if writer:
+              print(line, flush=True)
+          logger.restart_clock()
+      except Exception:
+        if last_saved != done:  # The step's training is kept whatever failed.
+          save(done, values)
+        manager.wait_until_finished()
+        raise
       if stopping:
         logging.warning("%s: stopped by a signal after step %d (saved)", model_dir, done)
         break
