@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import faulthandler
+import json
 import os
 import re
 import signal
@@ -138,11 +139,20 @@ def _complete_steps(directory: str) -> list[int]:
 
 
 def _saved(directory: str, step: int) -> dict:
-  """What a step holds besides the model item: params, opt_state, train_state, data."""
-  items = {"params": ocp.args.StandardRestore(), "opt_state": ocp.args.StandardRestore(),
-           "train_state": ocp.args.StandardRestore(), "data": ocp.args.JsonRestore()}
-  with ocp.CheckpointManager(os.path.abspath(directory)) as manager:
-    return dict(manager.restore(step, args=ocp.args.Composite(**items)))
+  """What a step holds besides the model item (params, opt_state, train_state: on this process's
+  CPU device, whatever mesh saved them; data: the JSON)."""
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  saved = {}
+  with ocp.StandardCheckpointer() as checkpointer:
+    for item in ("params", "opt_state", "train_state"):
+      path = os.path.join(directory, str(step), item)
+      target = jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu),
+          checkpointer.metadata(path).item_metadata)
+      saved[item] = checkpointer.restore(path, target)
+  with open(os.path.join(directory, str(step), "data", "metadata")) as f:
+    saved["data"] = json.load(f)
+  return saved
 
 
 def _assert_bitwise_equal(got: dict, expected: dict) -> None:
@@ -184,7 +194,8 @@ def test_killed_process_stops_the_run_and_the_command_resumes_exactly(setup):
   print(f"killed after step {saved[-1]} was saved; the launcher exited {stopped_in:.1f} s later")
 
   resumed = _finish(_launch(out, gin_file, "run"))
-  assert f"resumed at step {saved[-1]}" in resumed, resumed[-5000:]
+  printed = [int(n) for n in re.findall(r"\[0\] train step (\d+)/", resumed)]
+  assert printed == list(range(saved[-1] + 1, STEPS + 1)), resumed[-5000:]
   for i in range(2):
     assert f"[{i}] finished at step {STEPS}: loss" in resumed, resumed[-3000:]
   _assert_bitwise_equal(_saved(run_dir, STEPS), _saved(os.path.join(out, "reference"), STEPS))
