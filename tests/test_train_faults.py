@@ -12,8 +12,9 @@ XLA's cheaper CPU code generation.
 The unwritable directory: a save whose write fails with ENOSPC (injected at Orbax's JSON write, in
 process: root ignores file modes, so chmod cannot make a directory unwritable here) raises a
 `CheckpointWriteError` naming the directory, the step and the OS error, from the asynchronous
-write, and the previous step still restores. In a `t5g train` child the same failure ends the
-run with that message and without a Python traceback.
+write or the synchronous one, and the previous step still restores; a training run whose last
+save fails ends with that error (it surfaces when the run waits for its writes) and keeps the
+step saved before.
 
 Every test is bounded: each child has a timeout, and a hang in-process ends pytest
 (`faulthandler`) with the stacks instead of blocking CI.
@@ -32,15 +33,20 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
+from t5g.checkpoints import model_dir
 from t5g.checkpoints.manager import (CheckpointOptions, CheckpointWriteError,
                                      TrainCheckpointManager, TrainState)
 from t5g.data import embedded_corpus
+from t5g.data.pipeline import InputConfig
+from t5g.model.config import ComputeConfig
 from t5g.model.presets import get_preset
+from t5g.train import trainer
 from tests import train_children
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -244,3 +250,30 @@ def test_failed_save_is_named_and_keeps_the_previous_step(tmp_path, monkeypatch,
     assert again.all_steps() == [1]
     assert _restore(again).step == 1
   assert not os.path.exists(os.path.join(directory, "2"))  # Only a temporary name, if any.
+
+
+def test_training_stops_on_a_failed_save_and_keeps_the_previous_step(tmp_path, monkeypatch,
+                                                                     setup):
+  """The asynchronous write of the last step fails: `train` raises the named error when it
+  ends (no hang), and the step saved before it restores."""
+  out, _ = setup
+  directory = str(tmp_path / "run")
+  write = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+  def full_at_step_4(self, x, path):
+    if os.path.basename(str(path.parent)).startswith("4."):  # RUN/4.<tmp>/<item>/
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path / self._filename))
+    return write(self, x, path)
+
+  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", full_at_step_4)
+  with pytest.raises(CheckpointWriteError, match=re.escape(
+      f"{directory}: saving step 4 failed: [Errno 28] No space left on device")):
+    trainer.train(
+        model_dir=directory, init_checkpoint=os.path.join(out, "init"),
+        train_input=InputConfig("t5g.embedded.prefix_lm", {"inputs": 16, "targets": 16}, 2),
+        train_steps=4, model=get_preset("t5gemma-tiny-tiny"),
+        compute=ComputeConfig(dtype=jnp.float32),
+        checkpoint=CheckpointOptions(save_every=2), log_every=1, peak_flops_per_device=1e12)
+  monkeypatch.undo()
+  assert model_dir.steps(directory) == [2]
+  assert model_dir.load(directory, 2).step == 2
