@@ -11,9 +11,10 @@ unless given. Each output line is printed prefixed with `[i]`. It exits 0 when e
 does. When a process fails (a non-zero exit status, or a signal such as SIGKILL) the others are
 stopped, since they would wait for it at their next collective: SIGTERM, then SIGKILL after
 `--grace_s` seconds (a process blocked in a gloo collective does not act on SIGTERM). The
-launcher then prints which process failed first and how (`process 1 failed first: signal 9
-(SIGKILL)`), what became of the others, and exits with the first failure's status (128 + N for
-signal N). Rerunning the same `train` command resumes from the newest saved step.
+launcher then prints which process failed first and how (`process 1 failed with signal 9
+(SIGKILL) (the first to fail)`), what became of the others, and exits with the first failure's
+status (128 + N for signal N). Rerunning the same `train` command resumes from the newest
+saved step.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def _wait(processes: list[subprocess.Popen], exits: queue.Queue, timeout_s: floa
   if failed is None:
     lines.append(f"timed out after {timeout_s} s")
   else:
-    lines.append(f"process {failed} failed first: {describe(processes[failed].returncode)}")
+    lines.append(f"process {failed} failed with {describe(processes[failed].returncode)} (the "
+                 "first to fail)")
   for i, p in enumerate(processes):
     if i != failed:
       how = "stopped by the launcher" if i in stopped else "ended"

@@ -193,7 +193,8 @@ def test_killed_process_stops_the_run_and_the_command_resumes_exactly(setup):
   stopped_in = time.monotonic() - killed_at
   output = _output(process)
   assert rc == 128 + signal.SIGKILL, output[-5000:]
-  assert "launch/local.py: process 1 failed first: signal 9 (SIGKILL)" in output, output[-5000:]
+  assert ("launch/local.py: process 1 failed with signal 9 (SIGKILL) (the first to fail)"
+          in output), output[-5000:]
   assert re.search(r"launch/local.py: process 0 (stopped by the launcher|ended): ", output)
   saved = _complete_steps(run_dir)
   assert saved and STEPS not in saved, f"the kill did not land mid-run: saved {saved}"
