@@ -322,8 +322,7 @@ class TrainCheckpointManager:
       return call()
     except Exception as e:  # Orbax and TensorStore raise bare Exceptions for failed writes.
       step, self._writing = self._writing, None
-      logging.exception("%s: writing step %s failed", self.directory, step)
-      raise CheckpointWriteError(self.directory, step, e) from e
+      raise CheckpointWriteError(self.directory, step, e) from e  # The cause, chained.
 
   def close(self) -> None:
     """Waits for the save in flight and releases Orbax's resources (CheckpointWriteError when
