@@ -18,6 +18,13 @@ with missing or truncated files fails to restore with a ValueError naming it; au
 resumes from the newest step that restores and moves the unreadable newer ones aside, with a
 warning. Orbax keeps no checksums of chunk data: a flipped bit in a chunk goes unnoticed.
 Parameters alone (to start a fine-tune) come from `model_dir.restore_params`.
+
+A save that cannot be written (a full disk, a directory gone or read-only) raises a
+`CheckpointWriteError` naming the directory, the step and the OS error, where the failure
+surfaces: an asynchronous write fails in the background, so its error is raised by the next
+`save`, `wait_until_finished` or `close` (the trainer's loop meets it at its next save or when it
+ends), a synchronous one by `save` itself. The failed step's files never get the step's name (Orbax
+leaves them under a temporary one), and the previous steps are untouched and restore.
 """
 
 from __future__ import annotations
@@ -96,6 +103,34 @@ class TrainState(NamedTuple):
   data: dict
 
 
+class CheckpointWriteError(OSError):
+  """Writing a step failed (the disk is full, the directory unwritable...): `str()` names the
+  directory, the step and the cause; `errno` is the cause's, when it is an OSError."""
+
+  def __init__(self, directory: str, step: int | None, cause: BaseException):
+    os_error = _os_error(cause)
+    what = "a save" if step is None else f"saving step {step}"
+    super().__init__(None if os_error is None else os_error.errno,
+                     f"{directory}: {what} failed: "
+                     f"{model_dir.short_error(cause) if os_error is None else os_error}. "
+                     "The steps saved before it are intact.")
+    self.directory, self.step = directory, step
+
+  def __str__(self) -> str:
+    return self.strerror
+
+
+def _os_error(error: BaseException) -> OSError | None:
+  """The first OSError among `error` and its causes and contexts."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, OSError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
+
 class _Unreadable(ValueError):
   """A step whose files cannot be read: auto-resume falls back to the step before."""
 
@@ -143,6 +178,7 @@ class TrainCheckpointManager:
         enable_async_checkpointing=options.async_save,
         async_options=ocp.AsyncOptions(timeout_secs=options.async_timeout_s),
         cleanup_tmp_directories=True, create=True))
+    self._writing: int | None = None  # The step whose write may still be in flight.
 
   def all_steps(self) -> list[int]:
     """The saved steps, ascending (including one still being written in the background)."""
@@ -185,9 +221,14 @@ class TrainCheckpointManager:
     }
     if metrics is not None:
       items["metrics"] = ocp.args.JsonSave(metrics)
+    self.wait_until_finished()  # Orbax would wait too; this names the previous step's failure.
+    self._writing = step
     # The decision is made above: force=True keeps Orbax from evaluating its policies again.
-    return self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
-                              force=True)
+    started = self._finished_writing(lambda: self._manager.save(
+        step, args=ocp.args.Composite(**items), metrics=metrics, force=True))
+    if not self.options.async_save:
+      self._writing = None
+    return started
 
   def restore(self, params: Any, opt_state: Any, rng: Any, step: int | None = None
               ) -> TrainState:
@@ -275,12 +316,23 @@ class TrainCheckpointManager:
     return self._manager.metrics(step)
 
   def wait_until_finished(self) -> None:
-    """Blocks until the save in flight, if any, is written (raising its error, if any)."""
-    self._manager.wait_until_finished()
+    """Blocks until the save in flight, if any, is written (its failure: CheckpointWriteError)."""
+    self._finished_writing(self._manager.wait_until_finished)
+    self._writing = None
+
+  def _finished_writing(self, call: Any) -> Any:
+    """`call()`, its failure raised as the CheckpointWriteError of the step being written."""
+    try:
+      return call()
+    except Exception as e:  # Orbax and TensorStore raise bare Exceptions for failed writes.
+      step, self._writing = self._writing, None
+      raise CheckpointWriteError(self.directory, step, e) from e  # The cause, chained.
 
   def close(self) -> None:
-    """Waits for the save in flight and releases Orbax's resources."""
-    self._manager.close()
+    """Waits for the save in flight and releases Orbax's resources (CheckpointWriteError when
+    that save failed)."""
+    self._finished_writing(self._manager.close)
+    self._writing = None
 
   def __enter__(self) -> "TrainCheckpointManager":
     return self
