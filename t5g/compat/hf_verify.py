@@ -81,7 +81,8 @@ class Verification:
   installed transformers applies with the folder's `sliding_window`. checked: the longest row
   per stack where both should agree, and difference: the max |logit difference| there.
   beyond, beyond_difference: rows longer than the windows of the stacks whose effective window
-  differs, and the difference measured on them (None when every window agrees).
+  differs, and the difference measured on them (None when every window agrees, or when
+  max_length left nothing longer to measure).
   """
 
   windows: dict[str, int]
@@ -110,8 +111,9 @@ def verify_export(folder: str, params, config: ModelConfig, scanned: bool,
   `sliding_window` per stack in the folder's config.json; offsets: `window_offsets(config)`.
   Rows go past each window by 2 tokens (distances W and W + 1, where the conventions can
   differ) where transformers' effective window is t5g's, and up to the smaller of the two where
-  it is not; those stacks are then also measured past both. max_length bounds every row (large
-  windows cost CPU time: docs/architecture.md); two rows per batch, the second right-padded.
+  it is not; those stacks are then also measured past both. max_length (None: unbounded)
+  bounds every row: past a window of 4096 the check costs minutes of CPU time and gigabytes of
+  logits (docs/architecture.md). Two rows per batch, the second right-padded.
   """
   windows = {s: c.sliding_window for s, c in layout.stacks(config).items()}
   effective = {s: written[s] + offsets[s] for s in windows}
@@ -127,6 +129,8 @@ def verify_export(folder: str, params, config: ModelConfig, scanned: bool,
     return Verification(windows, effective, checked, difference)
   beyond = bounded({s: max(effective[s], windows[s]) + 1 if effective[s] != windows[s]
                     else checked[s] for s in windows})
+  if all(beyond[s] <= checked[s] for s in windows):  # max_length: nothing longer to measure.
+    return Verification(windows, effective, checked, difference)
   return Verification(windows, effective, checked, difference, beyond, compare(beyond))
 
 
