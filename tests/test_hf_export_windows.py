@@ -161,3 +161,7 @@ def test_verify_max_length_says_what_was_covered(checkpoint, tmp_path, capsys):
                         "--hf_sliding_window=match", "--verify_max_length=6")
   assert rc == 0 and "up to 6 encoder / 6 decoder tokens (not longer than the local windows" \
       in printed
+  rc, printed = _export(capsys, checkpoint, str(tmp_path / "short_released"),
+                        "--verify_max_length=6")
+  assert rc == 0 and "only on rows of up to 6 encoder / 6 decoder tokens" in printed
+  assert "NOT verified on longer inputs, where this transformers differs from t5g" in printed
