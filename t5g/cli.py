@@ -4,7 +4,7 @@
     t5g adapt  --encoder=SRC --decoder=SRC --output=T5G_DIR [--cross_attention=auto|copy|random]
                [--seed=N] [--scan_layers=true] [--encoder_config=..] [--decoder_config=..]
     t5g export --checkpoint=T5G_DIR [--step=N] --output=HF_DIR [--dtype=float32|bfloat16]
-               [--no-verify]
+               [--hf_sliding_window=released|match] [--verify_max_length=N] [--no-verify]
     t5g average --checkpoint=T5G_DIR --last=N --output=T5G_DIR
     t5g score  --checkpoint=T5G_DIR [--step=N] --input=IN.jsonl --output=OUT.jsonl
                [--vocabulary=tokenizer.model] [--batch_size=8]
@@ -77,13 +77,14 @@ def _cmd_adapt(args) -> None:
 
 def _cmd_export(args) -> None:
   from t5g.compat import convert
-  diff = convert.export_checkpoint(args.checkpoint, args.output, step=args.step,
-                                   dtype=args.dtype, verify=args.verify)
+  export = convert.export_checkpoint(args.checkpoint, args.output, step=args.step,
+                                     dtype=args.dtype, verify=args.verify,
+                                     hf_sliding_window=args.hf_sliding_window,
+                                     verify_max_length=args.verify_max_length)
   print(f"exported {args.checkpoint} -> {args.output} ({args.dtype})")
-  if diff is not None:
-    print(f"verified with transformers: max |logit difference| = {diff:.3g} "
-          f"(tolerance {convert.VERIFY_TOLERANCE})")
-  elif args.verify:
+  for line in export.lines():
+    print(line)
+  if export.verification is None and args.verify:
     print("not verified: transformers/torch are not installed")
 
 
@@ -156,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--step", type=int)
   p.add_argument("--output", required=True)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--hf_sliding_window", choices=("released", "match"), default="released",
+                 help="released: sliding_window = W, as Google's folders; match: the value with "
+                      "which the installed transformers computes t5g's window")
+  p.add_argument("--verify_max_length", type=int,
+                 help="longest row the verification compares (default 512: past the tiny "
+                      "presets' windows; 4098 checks past a 4096 window, minutes of CPU)")
   p.add_argument("--no-verify", "--no_verify", dest="verify", action="store_false")
   p.set_defaults(fn=_cmd_export)
 

@@ -64,8 +64,8 @@ def test_layout_conversion_round_trips_bitwise(tiny_classifier_checkpoint, tmp_p
 def test_export_matches_transformers_and_imports_back_bitwise(tiny_classifier_checkpoint,
                                                               tmp_path, capsys):
   out, back = str(tmp_path / "hf"), str(tmp_path / "back")
-  diff = convert.export_checkpoint(tiny_classifier_checkpoint, out)  # Verified.
-  assert diff is not None and diff <= convert.VERIFY_TOLERANCE
+  check = convert.export_checkpoint(tiny_classifier_checkpoint, out).verification
+  assert check is not None and check.difference <= convert.VERIFY_TOLERANCE  # Up to W.
   with open(os.path.join(out, "config.json")) as f:
     hf = json.load(f)
   assert hf["architectures"] == ["T5GemmaForSequenceClassification"]

@@ -37,8 +37,9 @@ def test_import_export_is_bit_identical(hf_t5gemma_dir, tmp_path, scan_layers):
 def test_gemma2_round_trip_and_bfloat16_export(hf_gemma2_dir, tmp_path):
   ckpt, out = str(tmp_path / "t5g"), str(tmp_path / "hf")
   convert.import_checkpoint(hf_gemma2_dir, ckpt, scan_layers=True)
-  diff = convert.export_checkpoint(ckpt, out, dtype="bfloat16")
-  assert diff is not None and diff <= convert.VERIFY_TOLERANCE
+  check = convert.export_checkpoint(ckpt, out, dtype="bfloat16").verification
+  assert check is not None and check.difference <= convert.VERIFY_TOLERANCE
+  assert check.past_windows() and not check.diverging  # Causal windows agree.
   original = _tensors(hf_gemma2_dir)
   exported = safetensors_io.SafetensorsFolder(out)
   for key, value in original.items():

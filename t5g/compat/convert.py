@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +30,17 @@ from t5g.checkpoints.adapt import AdaptedSource
 from t5g.checkpoints.sources import ModelDirSource, ParamSource, TreeSource, materialize
 from t5g.compat import google_checkpoint, hf_checkpoints, hf_config, hf_verify
 from t5g.data.vocabulary import vocabulary_file
+from t5g.model import layout
 from t5g.model.config import ModelConfig, config_from_json
 from t5g.model.presets import PRESETS, get_preset
 
 # Max |logit difference| accepted by the export check (float32 math on identical weights).
 VERIFY_TOLERANCE = 1e-3
+# The longest row the export check compares by default: past every window of the tiny presets;
+# 4096-token windows need --verify_max_length=4098 (minutes of CPU; docs/architecture.md).
+VERIFY_MAX_LENGTH = 512
+# `--hf_sliding_window`: what an exported folder's `sliding_window` holds (hf_windows).
+WINDOW_CHOICES = ("released", "match")
 
 
 def release_freed_tensors() -> None:
@@ -160,35 +168,150 @@ def adapt_checkpoint(encoder: str, decoder: str, output: str, cross_attention: s
   return adapted
 
 
+@dataclasses.dataclass(frozen=True)
+class Export:
+  """What `export_checkpoint` wrote and checked.
+
+  windows: the `sliding_window` written per stack (layout.stacks names); choice: the
+  `--hf_sliding_window` value; offsets: hf_verify.window_offsets of the installed transformers
+  (None when not measured: not installed, or not needed); verification: None when not verified.
+  """
+
+  windows: dict[str, int]
+  choice: str
+  offsets: dict[str, int] | None
+  verification: hf_verify.Verification | None
+
+  def lines(self) -> list[str]:
+    """What the export tells the user about the window convention and the verification."""
+    if self.offsets is None:
+      return []
+    version = hf_verify.transformers_version()
+    out = [_convention_line(stack, offset, self.windows[stack], self.choice, version)
+           for stack, offset in self.offsets.items() if offset]
+    check = self.verification
+    if check is None:
+      return out
+    lengths = _lengths(check.checked)
+    windows = "/".join(str(w) for w in check.windows.values())
+    if check.diverging and check.beyond is None:
+      return out + [
+          f"verified with transformers {version} only on rows of up to {lengths}: max |logit "
+          f"difference| = {check.difference:.3g} (tolerance {VERIFY_TOLERANCE})",
+          "NOT verified on longer inputs, where this transformers differs from t5g (the window "
+          "convention above; longer rows were not compared: --verify_max_length)"]
+    if not check.diverging:
+      covered = ("past the local windows" if check.past_windows() else
+                 "not longer than the local windows: longer inputs, where the window convention "
+                 "matters, were not compared (--verify_max_length)")
+      return out + [f"verified with transformers {version}: max |logit difference| = "
+                    f"{check.difference:.3g} (tolerance {VERIFY_TOLERANCE}) on padded rows of up "
+                    f"to {lengths} ({covered}: {windows})"]
+    return out + [
+        f"verified with transformers {version} only on rows of up to {lengths}: max |logit "
+        f"difference| = {check.difference:.3g} (tolerance {VERIFY_TOLERANCE})",
+        f"NOT verified on longer inputs: on rows of {_lengths(check.beyond)} transformers "
+        f"differs from t5g by {check.beyond_difference:.3g} (the window convention above); "
+        "--hf_sliding_window=match writes a folder that this transformers runs as t5g does"]
+
+
+def _convention_line(stack: str, offset: int, written: int, choice: str, version: str) -> str:
+  keeps = "|q - kv| <= sliding_window" if offset == 1 else f"|q - kv| < sliding_window + {offset}"
+  name = "" if stack == "transformer" else f" {stack}"
+  head = (f"transformers {version} keeps {keeps} in the{name} local layers, t5g and Google's "
+          f"reference |q - kv| < W: ")
+  if choice == "match":
+    return head + (f"the folder holds{name} sliding_window = {written} (W - {offset}, "
+                   f"--hf_sliding_window=match) and records W = {written + offset} as "
+                   f"{hf_config.T5G_WINDOW_KEY}")
+  return head + (f"the folder holds{name} sliding_window = W = {written}, as Google's released "
+                 f"folders (--hf_sliding_window=released), so this transformers differs from t5g "
+                 f"on{name} inputs longer than {written} tokens")
+
+
+def _lengths(lengths: dict[str, int]) -> str:
+  """'10 encoder / 9 decoder tokens' or '10 tokens'."""
+  return " / ".join(f"{n}" + ("" if s == "transformer" else f" {s}")
+                    for s, n in lengths.items()) + " tokens"
+
+
+def hf_windows(config: ModelConfig, choice: str,
+               offsets: dict[str, int] | None) -> dict[str, int]:
+  """The `sliding_window` to write per stack: W ('released'), or W minus the installed
+  transformers' offset ('match', which needs `offsets`)."""
+  stacks = layout.stacks(config)
+  if choice == "released":
+    return {s: c.sliding_window for s, c in stacks.items()}
+  if choice != "match":
+    raise ValueError(f"--hf_sliding_window={choice!r}: choose one of {', '.join(WINDOW_CHOICES)}")
+  if offsets is None:
+    raise ValueError("--hf_sliding_window=match: the value that makes the installed transformers "
+                     "reproduce t5g needs transformers and torch installed; use "
+                     "--hf_sliding_window=released (sliding_window = W, as Google's folders)")
+  windows = {s: c.sliding_window - offsets[s] for s, c in stacks.items()}
+  for s, window in windows.items():
+    if window < 1:
+      raise ValueError(f"--hf_sliding_window=match: the {s}'s window {stacks[s].sliding_window} "
+                       f"would be written as {window}")
+  return windows
+
+
 def export_checkpoint(checkpoint: str, output: str, step: int | None = None,
-                      dtype: str = "float32", verify: bool = True) -> float | None:
-  """Writes a HF folder from a t5g step; returns the verification's max logit difference.
+                      dtype: str = "float32", verify: bool = True,
+                      hf_sliding_window: str = "released",
+                      verify_max_length: int | None = None) -> Export:
+  """Writes a HF folder from a t5g step.
 
   A Gemma 2 becomes a Gemma2ForCausalLM folder, a T5Gemma a T5GemmaForConditionalGeneration, a
   classifier an encoder-only T5GemmaForSequenceClassification (its class logits are compared).
   The vocabulary the step records is written as the folder's tokenizer.model.
 
-  verify: reload with transformers (when installed) and compare logits; raises above
-  VERIFY_TOLERANCE, leaving the written folder for inspection.
+  hf_sliding_window: 'released' writes each stack's window W; 'match' the value with which the
+  installed transformers computes t5g's window (hf_windows; docs/architecture.md). verify:
+  reload with transformers (when installed) and compare logits on rows past the local windows,
+  up to verify_max_length tokens (None: VERIFY_MAX_LENGTH; hf_verify.verify_export). The
+  folder is written under a temporary name and moved to `output` once verified; above
+  VERIFY_TOLERANCE it is deleted and the export raises with the measured difference.
   """
+  verify_max_length = VERIFY_MAX_LENGTH if verify_max_length is None else verify_max_length
+  if verify_max_length < 2:
+    raise ValueError(f"--verify_max_length={verify_max_length}: must be at least 2")
+  if os.path.exists(output) and os.listdir(output):
+    raise FileExistsError(f"{output}: output folder exists and is not empty")
   release_freed_tensors()
-  verify = verify and hf_verify.transformers_available()
+  installed = hf_verify.transformers_available()
+  verify = verify and installed
   with ModelDirSource(checkpoint, step) as source:
+    config, scanned = source.config, source.scanned
     recorded = model_dir.read_vocabulary(checkpoint, source.step)
     tokenizer = None if recorded is None else vocabulary_file(recorded)
+    needed = installed and (verify or hf_sliding_window == "match")
+    offsets = hf_verify.window_offsets(config) if needed else None
+    windows = hf_windows(config, hf_sliding_window, offsets)
     if not verify:
-      hf_checkpoints.save(output, source, dtype, tokenizer=tokenizer)
-      return None
+      hf_checkpoints.save(output, source, dtype, tokenizer=tokenizer, windows=windows)
+      return Export(windows, hf_sliding_window, offsets, None)
     # Verification needs the whole model in memory anyway: read it once, write from memory.
-    params = materialize(source, source.scanned)
-  hf_checkpoints.save(output, TreeSource(params, source.config, source.scanned), dtype,
-                      tokenizer=tokenizer)
-  stored = jax.tree_util.tree_map(lambda x: _round_to(x, dtype), params)
-  diff = hf_verify.max_logit_difference(output, stored, source.config, source.scanned)
-  if not diff <= VERIFY_TOLERANCE:
-    raise RuntimeError(f"{output}: transformers' logits differ from t5g's by {diff:.3g} "
-                       f"(> {VERIFY_TOLERANCE}); the export is suspect")
-  return diff
+    params = materialize(source, scanned)
+  unverified = f"{output.rstrip('/')}.unverified-{os.getpid()}"
+  hf_checkpoints.save(unverified, TreeSource(params, config, scanned), dtype,
+                      tokenizer=tokenizer, windows=windows)
+  try:
+    stored = jax.tree_util.tree_map(lambda x: _round_to(x, dtype), params)
+    check = hf_verify.verify_export(unverified, stored, config, scanned, windows, offsets,
+                                    verify_max_length)
+    if not check.difference <= VERIFY_TOLERANCE:
+      raise RuntimeError(
+          f"{output}: not written: transformers' logits differ from t5g's by "
+          f"{check.difference:.3g} (> {VERIFY_TOLERANCE}) on rows of up to "
+          f"{_lengths(check.checked)}; the export is suspect (--no-verify writes it unchecked)")
+    if os.path.exists(output):
+      os.rmdir(output)  # Empty, checked above.
+    os.replace(unverified, output)
+  except BaseException:
+    shutil.rmtree(unverified, ignore_errors=True)
+    raise
+  return Export(windows, hf_sliding_window, offsets, check)
 
 
 def _round_to(x: np.ndarray, dtype: str) -> jax.Array:

@@ -175,12 +175,14 @@ def load(folder: str, scanned: bool) -> tuple[ModelConfig, dict]:
 
 
 def save(folder: str, source: ParamSource, dtype: str = "float32",
-         max_shard_bytes: int = 5 << 30, tokenizer: str | None = None) -> None:
+         max_shard_bytes: int = 5 << 30, tokenizer: str | None = None,
+         windows: dict[str, int] | None = None) -> None:
   """Writes a HF folder (config.json, generation_config.json but for a classifier, which does
   not generate, and safetensors) atomically.
 
   Tensors are read from `source` and written one at a time. dtype: 'float32' or 'bfloat16'.
-  tokenizer: a SentencePiece model file, copied in as tokenizer.model. Refuses to overwrite a
+  tokenizer: a SentencePiece model file, copied in as tokenizer.model. windows: the
+  `sliding_window` per stack in config.json (hf_config.config_to_hf). Refuses to overwrite a
   non-empty `folder`.
   """
   config = source.config
@@ -207,7 +209,7 @@ def save(folder: str, source: ParamSource, dtype: str = "float32",
     if tokenizer is not None:
       shutil.copyfile(tokenizer, os.path.join(tmp, TOKENIZER_FILE))
     with open(os.path.join(tmp, hf_config.CONFIG_FILE), "w") as f:
-      json.dump(hf_config.config_to_hf(config, dtype), f, indent=2)
+      json.dump(hf_config.config_to_hf(config, dtype, windows), f, indent=2)
     if not isinstance(config, ClassifierConfig):
       generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
       if isinstance(config, EncoderDecoderConfig):

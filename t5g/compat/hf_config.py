@@ -19,6 +19,9 @@ from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, ClassifierConfig, EncoderD
 
 CONFIG_FILE = "config.json"
 CLASSIFIER_ARCHITECTURE = "T5GemmaForSequenceClassification"
+# Beside `sliding_window` when an export wrote another value (`--hf_sliding_window=match`):
+# the window the model computes with in t5g's convention (|q - kv| < W), read back by import.
+T5G_WINDOW_KEY = "t5g_sliding_window"
 # Heads on a T5Gemma that t5g has no model for (an encoder-decoder classifier, per-token labels).
 _UNSUPPORTED_HEADS = (CLASSIFIER_ARCHITECTURE, "T5GemmaForTokenClassification")
 
@@ -50,7 +53,8 @@ def stack_from_hf(d: dict[str, Any], where: str) -> StackConfig:
         hidden_dim=int(d["intermediate_size"]), num_heads=int(d["num_attention_heads"]),
         num_kv_heads=int(d.get("num_key_value_heads", d["num_attention_heads"])),
         head_dim=int(d["head_dim"]), vocab_size=int(d["vocab_size"]),
-        sliding_window=int(d.get("sliding_window") or d.get("sliding_window_size") or 4096),
+        sliding_window=int(d.get(T5G_WINDOW_KEY) or d.get("sliding_window")
+                           or d.get("sliding_window_size") or 4096),
         attn_logit_softcap=d.get("attn_logit_softcapping"),
         final_logit_softcap=d.get("final_logit_softcapping"),
         query_pre_attn_scalar=d.get("query_pre_attn_scalar"), rope_base=_rope_theta(d),
@@ -143,8 +147,14 @@ def _classifier_from_hf(d: dict[str, Any], architectures: list, path: str) -> Cl
     raise ValueError(f"{path}: {e}") from None
 
 
-def stack_to_hf(cfg: StackConfig) -> dict[str, Any]:
-  """The HF module config fields of one stack (Gemma2Config / T5GemmaModuleConfig names)."""
+def stack_to_hf(cfg: StackConfig, window: int | None = None) -> dict[str, Any]:
+  """The HF module config fields of one stack (Gemma2Config / T5GemmaModuleConfig names).
+
+  window: the `sliding_window` to write (default the stack's); another value is written with
+  the stack's own under T5G_WINDOW_KEY.
+  """
+  window = cfg.sliding_window if window is None else window
+  marker = {} if window == cfg.sliding_window else {T5G_WINDOW_KEY: cfg.sliding_window}
   return {
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.embed_dim,
       "intermediate_size": cfg.hidden_dim, "num_hidden_layers": cfg.num_layers,
@@ -158,29 +168,35 @@ def stack_to_hf(cfg: StackConfig) -> dict[str, Any]:
       "attention_bias": False, "attention_dropout": 0.0, "dropout_rate": 0.0,
       "query_pre_attn_scalar": (cfg.head_dim if cfg.query_pre_attn_scalar is None
                                 else cfg.query_pre_attn_scalar),
-      "sliding_window": cfg.sliding_window, "layer_types": layer_types(cfg),
+      "sliding_window": window, **marker, "layer_types": layer_types(cfg),
       "final_logit_softcapping": cfg.final_logit_softcap,
       "attn_logit_softcapping": cfg.attn_logit_softcap,
   }
 
 
-def config_to_hf(config: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+def config_to_hf(config: ModelConfig, torch_dtype: str,
+                 windows: dict[str, int] | None = None) -> dict[str, Any]:
   """config.json contents for a Gemma2ForCausalLM, T5GemmaForConditionalGeneration or
   (a classifier) encoder-only T5GemmaForSequenceClassification folder.
+
+  windows: the `sliding_window` to write per stack (layout.stacks names: 'encoder', 'decoder',
+  'transformer'); default each stack's own.
 
   T5GemmaConfig always has a decoder module config; an encoder-only classifier's is a copy of
   its encoder's, which T5GemmaEncoderModel never builds.
   """
+  windows = windows or {}
   common = {"pad_token_id": PAD_ID, "eos_token_id": EOS_ID, "bos_token_id": BOS_ID,
             "torch_dtype": torch_dtype, "dtype": torch_dtype}
   if isinstance(config, StackConfig):
     return {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
-            **stack_to_hf(config), **common}
+            **stack_to_hf(config, windows.get("transformer")), **common}
   classifier = isinstance(config, ClassifierConfig)
   decoder_stack = config.encoder if classifier else config.decoder
-  encoder = {**stack_to_hf(config.encoder), "model_type": "t5_gemma_module",
-             "is_decoder": False}
-  decoder = {**stack_to_hf(decoder_stack), "model_type": "t5_gemma_module",
+  encoder = {**stack_to_hf(config.encoder, windows.get("encoder")),
+             "model_type": "t5_gemma_module", "is_decoder": False}
+  decoder = {**stack_to_hf(decoder_stack, windows.get("encoder" if classifier else "decoder")),
+             "model_type": "t5_gemma_module",
              "is_decoder": True, "cross_attention_hidden_size": config.encoder.embed_dim}
   out = {"architectures": ["T5GemmaForConditionalGeneration"], "model_type": "t5gemma",
          "encoder": encoder, "decoder": decoder, "is_encoder_decoder": True,
