@@ -21,6 +21,8 @@ from typing import Sequence
 
 import gin
 
+from t5g.errors import InputError, MissingFileError
+
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "gin")
 
@@ -36,14 +38,14 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], check: bool = True)
   gin.add_config_file_search_path(GIN_DIR)
   for name in gin_files:
     if not os.path.exists(name) and not os.path.exists(os.path.join(GIN_DIR, name)):
-      raise FileNotFoundError(f"--gin_file={name}: no such file (looked in {os.getcwd()} and "
-                              f"{GIN_DIR})")
+      raise MissingFileError(f"--gin_file={name}: no such file (looked in {os.getcwd()} and "
+                             f"{GIN_DIR})")
   quiet = _DropMessages("Path not found")  # gin's probe of Python packages for each include
   logging.getLogger().addFilter(quiet)
   try:
     gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
   except (ValueError, KeyError, SyntaxError, TypeError) as e:
-    raise ValueError(f"gin: {e}") from None
+    raise InputError(f"gin: {e}") from None
   finally:
     logging.getLogger().removeFilter(quiet)
   if check:
@@ -73,7 +75,7 @@ def check_required() -> None:
         missing.append(scope if selector == "gin.macro" else f"{where}.{param}")
   missing.sort()
   if missing:
-    raise ValueError(f"gin: required value(s) not set: {', '.join(missing)} "
+    raise InputError(f"gin: required value(s) not set: {', '.join(missing)} "
                      "(bind them in a gin file or with --gin.NAME=VALUE)")
 
 
@@ -84,7 +86,7 @@ def flag_bindings(gin_flags: Sequence[str], gin_bindings: Sequence[str]) -> list
   for flag in gin_flags:
     name, sep, value = flag.partition("=")
     if not sep or not name:
-      raise ValueError(f"--gin.{flag}: expected --gin.NAME=VALUE")
+      raise InputError(f"--gin.{flag}: expected --gin.NAME=VALUE")
     out.append(f"{name} = {value}")
   return out + list(gin_bindings)
 
