@@ -44,7 +44,7 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], check: bool = True)
   logging.getLogger().addFilter(quiet)
   try:
     gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=False)
-  except (ValueError, KeyError, SyntaxError, TypeError) as e:
+  except (ValueError, KeyError, SyntaxError, TypeError, OSError) as e:  # OSError: an include.
     raise InputError(f"gin: {e}") from None
   finally:
     logging.getLogger().removeFilter(quiet)
