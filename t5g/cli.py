@@ -22,8 +22,9 @@ SRC is a Hugging Face folder, a t5g checkpoint directory or a Google Flax/Orbax 
 (FLAT or NESTED), detected from its files. `import`, `export` and `score` handle Gemma 2,
 T5Gemma and the encoder-only classifier (in HF: an encoder-only
 T5GemmaForSequenceClassification; Google checkpoints hold no classifiers). Errors in the input
-(a path, a key, a shape) end the command with a one-line message and exit status 2; nothing is
-left half-written.
+(a path, a key, a shape: `t5g.errors.is_input_error`) end the command with a one-line message and
+exit status 2; nothing is left half-written. Any other exception is a bug in t5g: its traceback,
+a line saying so, exit status 1.
 """
 
 from __future__ import annotations
