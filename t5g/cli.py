@@ -22,8 +22,9 @@ SRC is a Hugging Face folder, a t5g checkpoint directory or a Google Flax/Orbax 
 (FLAT or NESTED), detected from its files. `import`, `export` and `score` handle Gemma 2,
 T5Gemma and the encoder-only classifier (in HF: an encoder-only
 T5GemmaForSequenceClassification; Google checkpoints hold no classifiers). Errors in the input
-(a path, a key, a shape) end the command with a one-line message and exit status 2; nothing is
-left half-written.
+(a path, a key, a shape: `t5g.errors.is_input_error`) end the command with a one-line message and
+exit status 2; nothing is left half-written. Any other exception is a bug in t5g: its traceback,
+a line saying so, exit status 1.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ import argparse
 import importlib
 import json
 import sys
+import traceback
+
+from t5g import __version__
+from t5g.errors import is_input_error
 
 # Sub-commands defined beside the code they run: name -> module.
 EXTERNAL_COMMANDS = {
@@ -216,14 +221,22 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     return 2
   args.gin_flags = gin_flags
-  if args.command in GIN_COMMANDS:
-    register_configurables()
   try:
+    if args.command in GIN_COMMANDS:
+      register_configurables()
     args.fn(args)
   except FloatingPointError as e:  # A diverged run: its last good checkpoint is kept.
     print(f"t5g {args.command}: {e}", file=sys.stderr)
     return 1
-  except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as e:
+  except KeyboardInterrupt:
+    print(f"t5g {args.command}: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # pylint: disable=broad-except
+    if not is_input_error(e):
+      traceback.print_exc()
+      print(f"t5g {args.command}: internal error: this is a bug in t5g {__version__}, not in "
+            "your input; please report it with the traceback above", file=sys.stderr)
+      return 1
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     print(f"t5g {args.command}: error: {message}", file=sys.stderr)
     return 2

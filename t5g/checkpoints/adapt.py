@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from t5g.checkpoints.sources import ParamSource
+from t5g.errors import InputError
 from t5g.model import layout
 from t5g.model.config import ComputeConfig, EncoderDecoderConfig, StackConfig
 from t5g.model.layers import kernel_init
@@ -34,7 +35,7 @@ _GEMMA2 = "transformer"
 
 def _check_gemma2(source: ParamSource, role: str) -> StackConfig:
   if not isinstance(source.config, StackConfig):
-    raise ValueError(f"--{role}={source.where}: a decoder-only Gemma 2 checkpoint is needed, "
+    raise InputError(f"--{role}={source.where}: a decoder-only Gemma 2 checkpoint is needed, "
                      "this one is an encoder-decoder")
   return source.config
 
@@ -46,15 +47,15 @@ class AdaptedSource(ParamSource):
                cross_attention: str = "auto", seed: int = 0):
     enc, dec = _check_gemma2(encoder, "encoder"), _check_gemma2(decoder, "decoder")
     if enc.vocab_size != dec.vocab_size:
-      raise ValueError(f"--encoder={encoder.where} has vocab_size {enc.vocab_size} but "
+      raise InputError(f"--encoder={encoder.where} has vocab_size {enc.vocab_size} but "
                        f"--decoder={decoder.where} has {dec.vocab_size}; they must agree")
     if cross_attention not in CROSS_ATTENTION_MODES:
-      raise ValueError(f"--cross_attention={cross_attention!r}: choose one of "
+      raise InputError(f"--cross_attention={cross_attention!r}: choose one of "
                        f"{CROSS_ATTENTION_MODES}")
     if cross_attention == "auto":
       cross_attention = "copy" if enc == dec else "random"
     if cross_attention == "copy" and enc.embed_dim != dec.embed_dim:
-      raise ValueError(f"--cross_attention=copy needs equal widths, but the encoder's "
+      raise InputError(f"--cross_attention=copy needs equal widths, but the encoder's "
                        f"embed_dim is {enc.embed_dim} and the decoder's {dec.embed_dim}; use "
                        "--cross_attention=random")
     self.encoder, self.decoder = encoder, decoder

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from t5g.checkpoints import lazy, model_dir
+from t5g.errors import ExistingFileError, InputError, MissingFileError
 from t5g.model.config import ComputeConfig, config_from_json
 from t5g.model.models import abstract_params
 
@@ -90,25 +91,25 @@ def average(checkpoint: str, last: int, output: str,
   newest step's vocabulary (without `new_parameters`: averaged parameters are trained ones).
   """
   if last < 1:
-    raise ValueError(f"last={last}: average at least 1 step")
+    raise InputError(f"last={last}: average at least 1 step")
   if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-    raise FileExistsError(f"{output}: output exists and is not an empty directory")
+    raise ExistingFileError(f"{output}: output exists and is not an empty directory")
   if not os.path.isdir(checkpoint):
-    raise FileNotFoundError(f"{checkpoint}: no such directory")
+    raise MissingFileError(f"{checkpoint}: no such directory")
   available = model_dir.steps(checkpoint)
   candidates = available if steps is None else sorted(set(steps))
   missing = sorted(set(candidates) - set(available))
   if missing:
-    raise ValueError(f"{checkpoint}: steps {missing} do not exist (available: {available})")
+    raise InputError(f"{checkpoint}: steps {missing} do not exist (available: {available})")
   if len(candidates) < last:
-    raise ValueError(f"{checkpoint}: cannot average the last {last} steps: only "
+    raise InputError(f"{checkpoint}: cannot average the last {last} steps: only "
                      f"{len(candidates)} to choose from ({candidates})")
   chosen = candidates[-last:]
   newest, _ = model_dir.read_metadata(checkpoint, chosen[-1])
   for step in chosen[:-1]:
     meta, _ = model_dir.read_metadata(checkpoint, step)
     if (meta["model"], meta["param_layout"]) != (newest["model"], newest["param_layout"]):
-      raise ValueError(f"{os.path.join(checkpoint, str(step), model_dir.MODEL_ITEM)}: config or "
+      raise InputError(f"{os.path.join(checkpoint, str(step), model_dir.MODEL_ITEM)}: config or "
                        f"parameter layout differs from step {chosen[-1]}'s")
   where = os.path.join(checkpoint, str(chosen[-1]), model_dir.MODEL_ITEM)
   config = config_from_json(newest["model"], where=where)

@@ -46,6 +46,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from t5g.checkpoints import model_dir
+from t5g.errors import InputError, MissingFileError
 from t5g.model.config import ModelConfig
 
 _CHECKED = ("model", "param_layout")  # What a step's model item must share with the run.
@@ -82,11 +83,11 @@ class CheckpointOptions:
     for name in ("save_every", "keep_last", "keep_every", "keep_best", "async_timeout_s"):
       value = getattr(self, name)
       if value is not None and (not isinstance(value, int) or value < 1):
-        raise ValueError(f"CheckpointOptions.{name}={value!r}: must be a positive integer")
+        raise InputError(f"CheckpointOptions.{name}={value!r}: must be a positive integer")
     if self.best_mode not in ("min", "max"):
-      raise ValueError(f"CheckpointOptions.best_mode={self.best_mode!r}: 'min' or 'max'")
+      raise InputError(f"CheckpointOptions.best_mode={self.best_mode!r}: 'min' or 'max'")
     if self.save_dtype not in (None, "bfloat16", "float16", "float32"):
-      raise ValueError(f"CheckpointOptions.save_dtype={self.save_dtype!r}: None, 'bfloat16', "
+      raise InputError(f"CheckpointOptions.save_dtype={self.save_dtype!r}: None, 'bfloat16', "
                        "'float16' or 'float32'")
 
 
@@ -204,7 +205,7 @@ class TrainCheckpointManager:
     if metrics is not None:
       metrics = _as_json(metrics, f"step {step} metrics")
       if self.options.best_metric is not None and self.options.best_metric not in metrics:
-        raise ValueError(f"step {step} metrics lack best_metric "
+        raise InputError(f"step {step} metrics lack best_metric "
                          f"{self.options.best_metric!r} (have {sorted(metrics)})")
     params = state.params
     if self.options.save_dtype is not None:
@@ -247,14 +248,14 @@ class TrainCheckpointManager:
     targets = (params, opt_state, rng)
     if step is not None:
       if step not in available:
-        raise ValueError(f"{self.directory}: step {step} does not exist (available: "
+        raise InputError(f"{self.directory}: step {step} does not exist (available: "
                          f"{available})")
       try:
         return self._restore_step(step, *targets)
       except _Unreadable as e:
-        raise ValueError(f"{e} (steps saved: {available})") from None
+        raise InputError(f"{e} (steps saved: {available})") from None
     if not available:
-      raise FileNotFoundError(f"{self.directory}: no saved steps")
+      raise MissingFileError(f"{self.directory}: no saved steps")
     unreadable = []
     for candidate in reversed(available):
       try:
@@ -265,7 +266,7 @@ class TrainCheckpointManager:
       if unreadable:
         self._move_aside(unreadable, candidate)
       return state
-    raise ValueError(f"{self.directory}: no step could be restored: "
+    raise InputError(f"{self.directory}: no step could be restored: "
                      + "; ".join(str(error) for _, error in unreadable))
 
   def _move_aside(self, unreadable: list[tuple[int, Exception]], restored: int) -> None:
@@ -298,7 +299,7 @@ class TrainCheckpointManager:
     differences = model_dir.differences({k: meta.get(k) for k in _CHECKED},
                                         {k: self._model[k] for k in _CHECKED})
     if differences:
-      raise ValueError(f"{self._step_dir(step)}: saved for another model than this run's: "
+      raise InputError(f"{self._step_dir(step)}: saved for another model than this run's: "
                        f"{', '.join(differences)}")
     if callable(opt_state):
       opt_state = opt_state(step)

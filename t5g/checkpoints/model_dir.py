@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from t5g.errors import ExistingFileError, InputError, MissingFileError
 from t5g.model import layout
 from t5g.model.config import (EMBEDDED_VOCABULARY, ComputeConfig, ModelConfig, config_from_json,
                               config_to_json)
@@ -133,7 +134,7 @@ def save(directory: str, step: int, params: Any, config: ModelConfig, scanned: b
   try:
     with _manager(directory, create=True) as mgr:
       if step in mgr.all_steps():
-        raise FileExistsError(f"{directory}: step {step} already exists")
+        raise ExistingFileError(f"{directory}: step {step} already exists")
       mgr.save(step, args=ocp.args.Composite(**{
           PARAMS_ITEM: ocp.args.PyTreeSave(params), MODEL_ITEM: ocp.args.JsonSave(meta)}))
       mgr.wait_until_finished()
@@ -146,11 +147,11 @@ def save(directory: str, step: int, params: Any, config: ModelConfig, scanned: b
 def _resolve_step(directory: str, step: int | None) -> int:
   available = steps(directory)
   if not available:
-    raise FileNotFoundError(f"{directory}: no t5g checkpoint steps found")
+    raise MissingFileError(f"{directory}: no t5g checkpoint steps found")
   if step is None:
     return available[-1]
   if step not in available:
-    raise ValueError(f"{directory}: step {step} does not exist (available: {available})")
+    raise InputError(f"{directory}: step {step} does not exist (available: {available})")
   return step
 
 
@@ -163,9 +164,9 @@ def read_metadata(directory: str, step: int | None = None) -> tuple[dict, int]:
       meta = mgr.restore(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonRestore()}))[
           MODEL_ITEM]
     except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files.
-      raise ValueError(f"{path}: cannot read ({short_error(e)})") from None
+      raise InputError(f"{path}: cannot read ({short_error(e)})") from None
   if not isinstance(meta, dict) or meta.get("param_layout") not in LAYOUTS.values():
-    raise ValueError(f"{path}: param_layout="
+    raise InputError(f"{path}: param_layout="
                      f"{meta.get('param_layout') if isinstance(meta, dict) else meta!r}")
   return meta, step
 
@@ -218,7 +219,7 @@ def read_params(directory: str, step: int, abstract: Any) -> Any:
       return mgr.restore(step, args=ocp.args.Composite(**{
           PARAMS_ITEM: ocp.args.StandardRestore(abstract)}))[PARAMS_ITEM]
     except Exception as e:  # TensorStore read errors (missing, truncated files) are bare.
-      raise ValueError(f"{os.path.join(directory, str(step), PARAMS_ITEM)}: cannot restore "
+      raise InputError(f"{os.path.join(directory, str(step), PARAMS_ITEM)}: cannot restore "
                        f"({short_error(e)})") from None
 
 
@@ -247,14 +248,14 @@ def read_arrays(item_dir: str, leaves: dict[tuple[str, ...], jax.ShapeDtypeStruc
   try:
     restored = ocp.PyTreeCheckpointer().restore(os.path.abspath(item_dir), args=args)
   except Exception as e:  # Orbax and TensorStore raise bare Exceptions for unreadable files.
-    raise ValueError(f"{item_dir}: cannot read {names} ({short_error(e)})") from None
+    raise InputError(f"{item_dir}: cannot read {names} ({short_error(e)})") from None
   arrays = {}
   for path, leaf in leaves.items():
     value = restored
     for key in path:
       value = value[key]
     if tuple(value.shape) != tuple(leaf.shape):
-      raise ValueError(f"{item_dir}: {'/'.join(path)} has shape {tuple(value.shape)}, "
+      raise InputError(f"{item_dir}: {'/'.join(path)} has shape {tuple(value.shape)}, "
                        f"expected {tuple(leaf.shape)}")
     arrays[path] = np.asarray(value)
   return arrays
@@ -301,7 +302,7 @@ def restore_params(directory: str, target: Any, config: ModelConfig, scanned: bo
   where = os.path.join(directory, str(step), MODEL_ITEM)
   if config_from_json(meta["model"], where=where) != config:
     found = differences(meta["model"], config_to_json(config))
-    raise ValueError(f"{where}: saved for another model: {', '.join(found)}")
+    raise InputError(f"{where}: saved for another model: {', '.join(found)}")
   if (meta["param_layout"] == "scanned") == scanned:
     return read_params(directory, step, target), step
   logging.info("%s: converting the %s layout on the host", where, meta["param_layout"])

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from t5g.checkpoints import model_dir
+from t5g.errors import InputError
 from t5g.model import layout
 from t5g.model.config import ComputeConfig, ModelConfig
 from t5g.model.models import abstract_params
@@ -120,7 +121,7 @@ def materialize(source: ParamSource, scanned: bool) -> dict:
     target = targets[(stack, layer, sub)]
     value = source.get(stack, layer, sub)
     if tuple(value.shape) != tuple(target.shape):
-      raise ValueError(f"{source.where}: {stack}/{layer}/{'/'.join(sub)} has shape "
+      raise InputError(f"{source.where}: {stack}/{layer}/{'/'.join(sub)} has shape "
                        f"{value.shape}, expected {target.shape}")
     layout.put(params, source.config, scanned, stack, layer, sub,
                np.asarray(value, dtype=target.dtype))

@@ -31,6 +31,7 @@ from t5g.checkpoints.sources import ModelDirSource, ParamSource, TreeSource, mat
 from t5g.compat import google_checkpoint, hf_checkpoints, hf_config, hf_verify
 from t5g.data.vocabulary import vocabulary_file
 from t5g.model import layout
+from t5g.errors import ExistingFileError, InputError, MissingFileError
 from t5g.model.config import ModelConfig, config_from_json
 from t5g.model.presets import PRESETS, get_preset
 
@@ -59,14 +60,14 @@ def release_freed_tensors() -> None:
 def detect(path: str) -> str:
   """'hf', 't5g' or 'google'; anything else raises an error naming `path`."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: does not exist")
+    raise MissingFileError(f"{path}: does not exist")
   if hf_checkpoints.is_hf_folder(path):
     return "hf"
   if model_dir.is_model_dir(path):
     return "t5g"
   if google_checkpoint.is_google_checkpoint(path):
     return "google"
-  raise ValueError(f"{path}: neither a Hugging Face folder (config.json + model.safetensors "
+  raise InputError(f"{path}: neither a Hugging Face folder (config.json + model.safetensors "
                    "or model.safetensors.index.json), a t5g checkpoint directory, nor a Google "
                    "Flax/Orbax checkpoint (_METADATA)")
 
@@ -77,13 +78,13 @@ def config_from_arg(value: str) -> ModelConfig:
     return PRESETS[value]
   if not os.path.exists(value):
     if "/" in value or value.endswith(".json"):
-      raise FileNotFoundError(f"config {value}: does not exist")
+      raise MissingFileError(f"config {value}: does not exist")
     return get_preset(value)  # Raises, naming the closest presets.
   try:
     with open(value) as f:
       d = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"config {value}: not a JSON file ({e})") from None
+    raise InputError(f"config {value}: not a JSON file ({e})") from None
   if isinstance(d, dict) and ("hidden_size" in d or "encoder" in d and "hidden_size" in
                               d.get("encoder", {})):
     return hf_config.config_from_hf(d, value)
@@ -103,7 +104,7 @@ def open_source(path: str, config: ModelConfig | None = None,
   source = hf_checkpoints.HFSource(path) if kind == "hf" else ModelDirSource(path, step)
   if config is not None and config != source.config:
     source.close()
-    raise ValueError(f"{path}: its config differs from the one given: {source.config} vs "
+    raise InputError(f"{path}: its config differs from the one given: {source.config} vs "
                      f"{config}")
   return source
 
@@ -121,7 +122,7 @@ def source_vocabulary(path: str) -> str | None:
 
 def _refuse_existing(output: str) -> None:
   if model_dir.steps(output) or (os.path.isdir(output) and os.listdir(output)):
-    raise FileExistsError(f"{output}: output directory exists and is not empty")
+    raise ExistingFileError(f"{output}: output directory exists and is not empty")
 
 
 def _write_model_dir(source: ParamSource, output: str, scan_layers: bool, step: int = 0,

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from t5g.checkpoints import model_dir
 from t5g.compat.google_flax import GoogleTreeSource, TransposeGating, model_prefix
+from t5g.errors import InputError
 from t5g.model.config import EncoderDecoderConfig, ModelConfig, StackConfig
 from t5g.model.presets import GEMMA2_STACKS
 
@@ -53,7 +54,7 @@ def read_tree(path: str) -> dict:
   try:
     metadata = ocp.PyTreeCheckpointer().metadata(path)
   except (ValueError, KeyError, FileNotFoundError, OSError) as e:
-    raise ValueError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__})") from None
+    raise InputError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__})") from None
   metadata = getattr(metadata, "item_metadata", metadata)
   tree: dict = {}
 
@@ -63,13 +64,13 @@ def read_tree(path: str) -> dict:
         add(value, (*stored, str(key)))
       return
     if not hasattr(node, "shape"):
-      raise ValueError(f"{path}: {'/'.join(stored)} is not an array")
+      raise InputError(f"{path}: {'/'.join(stored)} is not an array")
     nested = tuple(part for key in stored for part in key.split("/"))
     target = tree
     for key in nested[:-1]:
       target = target.setdefault(key, {})
       if not isinstance(target, dict):
-        raise ValueError(f"{path}: {'/'.join(nested)} clashes with another key")
+        raise InputError(f"{path}: {'/'.join(nested)} clashes with another key")
     target[nested[-1]] = StoredLeaf(path, stored, tuple(node.shape), np.dtype(node.dtype))
 
   add(metadata, ())
@@ -96,14 +97,14 @@ def infer_stack(stack_tree: dict, where: str) -> StackConfig:
       kv_heads = _w(attn["kv_einsum"]).shape[1]
     hidden = _w(stack_tree["layer_0"]["mlp"]["linear"]).shape[0]
   except (KeyError, TypeError, ValueError, AttributeError) as e:
-    raise ValueError(f"{where}: not a Gemma 2 parameter tree (missing {e})") from None
+    raise InputError(f"{where}: not a Gemma 2 parameter tree (missing {e})") from None
   sizes = dict(num_layers=layers, embed_dim=embed, hidden_dim=hidden, num_heads=heads,
                num_kv_heads=kv_heads, head_dim=head_dim)
   vocab = 256000 if rows == GOOGLE_VOCAB_ROWS else rows
   for preset in GEMMA2_STACKS.values():
     if all(getattr(preset, k) == v for k, v in sizes.items()) and preset.vocab_size == vocab:
       return preset
-  raise ValueError(f"{where}: no Gemma 2 preset has these sizes ({sizes}, {rows} embedding "
+  raise InputError(f"{where}: no Gemma 2 preset has these sizes ({sizes}, {rows} embedding "
                    "rows); give the config (--config / --encoder_config / --decoder_config: a "
                    "preset name or a config JSON file)")
 

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from t5g.checkpoints.sources import ParamSource, materialize
+from t5g.errors import InputError
 from t5g.model import layout
 from t5g.model.config import ClassifierConfig, ComputeConfig, EncoderDecoderConfig, ModelConfig
 from t5g.model.models import abstract_params
@@ -50,7 +51,7 @@ class GoogleMap:
 
 def _refuse_classifier(config: ModelConfig, where: str) -> None:
   if isinstance(config, ClassifierConfig):
-    raise ValueError(f"{where}: Google Flax trees hold Gemma 2 and T5Gemma models; a classifier "
+    raise InputError(f"{where}: Google Flax trees hold Gemma 2 and T5Gemma models; a classifier "
                      "(an encoder and a head) has no Google layout")
 
 
@@ -127,7 +128,7 @@ def _lookup(tree: Tree, path: tuple[str, ...]) -> tuple[Any, tuple[str, ...]]:
   node = tree
   for key in path:
     if not isinstance(node, Mapping) or key not in node:
-      raise ValueError(f"Google tree: missing key {'/'.join(path)}")
+      raise InputError(f"Google tree: missing key {'/'.join(path)}")
     node = node[key]
   if isinstance(node, Mapping) and set(node) == {"w"}:
     return node["w"], (*path, "w")
@@ -166,7 +167,7 @@ def _detect_transposed(tree: Tree, config: ModelConfig, prefix: tuple[str, ...],
       continue
     path = (*_stack_root(config, stack, prefix), "layer_0", "mlp", "gating_einsum")
     if cfg.hidden_dim == cfg.embed_dim:
-      raise ValueError(f"Google tree: {'/'.join(path)}: hidden_dim == embed_dim == "
+      raise InputError(f"Google tree: {'/'.join(path)}: hidden_dim == embed_dim == "
                        f"{cfg.embed_dim}, so [2, D, F] and [2, F, D] look alike; pass "
                        "transpose_gating")
     gating, _ = _lookup(tree, path)
@@ -202,17 +203,17 @@ class GoogleTreeSource(ParamSource):
       shape, expected = _shape(leaf), ((len(m.subs), *part) if fused else part)
       if m.kind == "embed":
         if len(shape) != 2 or shape[0] < part[0] or shape[1] != part[1]:
-          raise ValueError(f"{where}: {key} has shape {shape}, the config implies "
+          raise InputError(f"{where}: {key} has shape {shape}, the config implies "
                            f"(>= {part[0]}, {part[1]})")
       elif shape != expected:
-        raise ValueError(f"{where}: {key} has shape {shape}, the config implies {expected}")
+        raise InputError(f"{where}: {key} has shape {shape}, the config implies {expected}")
       for j, (sub, target) in enumerate(zip(m.subs, targets)):
         self._parts[(m.stack, m.layer, sub)] = (m, leaf, j if fused else None,
                                                 tuple(target.shape))
       seen.add(path)
     unexpected = ["/".join(p) for p in _leaf_paths(tree) if p not in seen]
     if unexpected:
-      raise ValueError(f"{where}: unexpected key(s) {unexpected[:5]}"
+      raise InputError(f"{where}: unexpected key(s) {unexpected[:5]}"
                        f"{' ...' if len(unexpected) > 5 else ''} for this config")
     self._cached: tuple[int, np.ndarray] | None = None
 
@@ -253,7 +254,7 @@ def to_google(params: dict, config: ModelConfig, scanned: bool,
     value = parts[0] if len(parts) == 1 else np.stack(parts)
     if m.kind == "embed" and num_embed is not None:
       if num_embed < value.shape[0]:
-        raise ValueError(f"num_embed={num_embed} < vocab_size={value.shape[0]}")
+        raise InputError(f"num_embed={num_embed} < vocab_size={value.shape[0]}")
       value = np.concatenate([value, np.zeros((num_embed - value.shape[0], value.shape[1]),
                                               value.dtype)])
     node = tree

@@ -21,6 +21,7 @@ import numpy as np
 
 from t5g.checkpoints.sources import ParamSource, materialize
 from t5g.compat import hf_config, safetensors_io
+from t5g.errors import ExistingFileError, InputError
 from t5g.model import layout
 from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, ClassifierConfig, ComputeConfig,
                               EncoderDecoderConfig, ModelConfig, model_type)
@@ -136,22 +137,22 @@ class HFSource(ParamSource):
     names = set(self._tensors.keys())
     for m in self._maps.values():
       if m.hf_key not in names:
-        raise ValueError(f"{folder}: missing tensor {m.hf_key!r}")
+        raise InputError(f"{folder}: missing tensor {m.hf_key!r}")
     known = {m.hf_key for m in self._maps.values()}
     head = _TIED_HEADS.get(model_type(self.config))
     for key in sorted(names - known):
       if key != head:
-        raise ValueError(f"{folder}: unexpected tensor {key!r} for a "
+        raise InputError(f"{folder}: unexpected tensor {key!r} for a "
                          f"{model_type(self.config)} model")
       embed_key = next(m.hf_key for m in self._maps.values()
                        if m.stack != "encoder" and m.sub == ("embedder", "embedding"))
       if not np.array_equal(self._tensors.get(key), self._tensors.get(embed_key)):
-        raise ValueError(f"{folder}: {key!r} differs from {embed_key!r}; t5g ties them")
+        raise InputError(f"{folder}: {key!r} differs from {embed_key!r}; t5g ties them")
     self._shapes = {}
     for m, shape in _unscanned_shapes(self.config):
       expected, found = hf_shape(m.kind, shape), self._tensors.shape(m.hf_key)
       if found != expected:
-        raise ValueError(f"{folder}: tensor {m.hf_key!r} has shape {found}, config.json "
+        raise InputError(f"{folder}: tensor {m.hf_key!r} has shape {found}, config.json "
                          f"implies {expected}")
       self._shapes[(m.stack, m.layer, m.sub)] = shape
 
@@ -189,9 +190,9 @@ def save(folder: str, source: ParamSource, dtype: str = "float32",
   np_dtype = {"float32": np.dtype(np.float32),
               "bfloat16": safetensors_io.DTYPES["BF16"]}.get(dtype)
   if np_dtype is None:
-    raise ValueError(f"--dtype={dtype!r}: choose float32 or bfloat16")
+    raise InputError(f"--dtype={dtype!r}: choose float32 or bfloat16")
   if os.path.exists(folder) and os.listdir(folder):
-    raise FileExistsError(f"{folder}: output folder exists and is not empty")
+    raise ExistingFileError(f"{folder}: output folder exists and is not empty")
   maps = {m.hf_key: m for m in tensor_maps(config)}
   shapes = {(m.stack, m.layer, m.sub): (m, shape) for m, shape in _unscanned_shapes(config)}
   plan = [(m.hf_key, hf_shape(m.kind, shape), np_dtype)

@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any
 
+from t5g.errors import InputError
 from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, ClassifierConfig, EncoderDecoderConfig,
                               ModelConfig, StackConfig)
 
@@ -35,7 +36,7 @@ def _rope_theta(d: dict[str, Any]) -> float:
   params = d.get("rope_parameters")
   if isinstance(params, dict) and "rope_theta" in params:
     if params.get("rope_type", "default") != "default":
-      raise ValueError(f"rope_parameters.rope_type={params['rope_type']!r} (only 'default')")
+      raise InputError(f"rope_parameters.rope_type={params['rope_type']!r} (only 'default')")
     return float(params["rope_theta"])
   return float(d.get("rope_theta", 10000.0))
 
@@ -45,9 +46,9 @@ def stack_from_hf(d: dict[str, Any], where: str) -> StackConfig:
   try:
     act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-      raise ValueError(f"hidden_activation={act!r} (t5g implements gelu_pytorch_tanh)")
+      raise InputError(f"hidden_activation={act!r} (t5g implements gelu_pytorch_tanh)")
     if d.get("attention_bias", False):
-      raise ValueError("attention_bias=true (Gemma 2 has no biases)")
+      raise InputError("attention_bias=true (Gemma 2 has no biases)")
     cfg = StackConfig(
         num_layers=int(d["num_hidden_layers"]), embed_dim=int(d["hidden_size"]),
         hidden_dim=int(d["intermediate_size"]), num_heads=int(d["num_attention_heads"]),
@@ -61,11 +62,11 @@ def stack_from_hf(d: dict[str, Any], where: str) -> StackConfig:
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)))
     types = d.get("layer_types")
     if types is not None and list(types) != layer_types(cfg):
-      raise ValueError("layer_types is not sliding/full alternation starting with sliding")
+      raise InputError("layer_types is not sliding/full alternation starting with sliding")
   except KeyError as e:
-    raise ValueError(f"{where}: missing key {e.args[0]!r}") from None
+    raise InputError(f"{where}: missing key {e.args[0]!r}") from None
   except (ValueError, TypeError) as e:
-    raise ValueError(f"{where}: {e}") from None
+    raise InputError(f"{where}: {e}") from None
   return cfg
 
 
@@ -76,7 +77,7 @@ def read_config(folder: str) -> ModelConfig:
     with open(path) as f:
       d = json.load(f)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
+    raise InputError(f"{path}: not valid JSON ({e})") from None
   return config_from_hf(d, path)
 
 
@@ -84,67 +85,67 @@ def config_from_hf(d: dict[str, Any], path: str) -> ModelConfig:
   """The t5g config of a HF `gemma2` or `t5gemma` config dict read from `path`: a StackConfig,
   an EncoderDecoderConfig, or a ClassifierConfig for an encoder-only sequence classifier."""
   if not isinstance(d, dict):
-    raise ValueError(f"{path}: expected a JSON object")
+    raise InputError(f"{path}: expected a JSON object")
   kind = d.get("model_type")
   if kind == "gemma2":
     if d.get("tie_word_embeddings", True) is False:
-      raise ValueError(f"{path}: tie_word_embeddings=false (Gemma 2 ties the output layer)")
+      raise InputError(f"{path}: tie_word_embeddings=false (Gemma 2 ties the output layer)")
     return stack_from_hf(d, path)
   if kind == "t5gemma":
     architectures = d.get("architectures") or []
     if d.get("is_encoder_decoder", True) is False:
       return _classifier_from_hf(d, architectures, path)
     if d.get("tie_word_embeddings", True) is False:
-      raise ValueError(f"{path}: tie_word_embeddings=false (T5Gemma ties the decoder output)")
+      raise InputError(f"{path}: tie_word_embeddings=false (T5Gemma ties the decoder output)")
     heads = [a for a in architectures if a in _UNSUPPORTED_HEADS]
     if heads:
-      raise ValueError(f"{path}: architectures={heads} with is_encoder_decoder=true; t5g's "
+      raise InputError(f"{path}: architectures={heads} with is_encoder_decoder=true; t5g's "
                        f"classifier is encoder-only ({CLASSIFIER_ARCHITECTURE} with "
                        "is_encoder_decoder=false)")
     for part in ("encoder", "decoder"):
       if not isinstance(d.get(part), dict):
-        raise ValueError(f"{path}: missing key {part!r}")
+        raise InputError(f"{path}: missing key {part!r}")
     encoder = stack_from_hf(d["encoder"], f"{path}: encoder")
     decoder = stack_from_hf(d["decoder"], f"{path}: decoder")
     cross = d["decoder"].get("cross_attention_hidden_size", encoder.embed_dim)
     if cross != encoder.embed_dim:
-      raise ValueError(f"{path}: decoder.cross_attention_hidden_size={cross} != encoder "
+      raise InputError(f"{path}: decoder.cross_attention_hidden_size={cross} != encoder "
                        f"hidden_size={encoder.embed_dim}")
     try:
       return EncoderDecoderConfig(encoder, decoder)
     except ValueError as e:
-      raise ValueError(f"{path}: {e}") from None
-  raise ValueError(f"{path}: model_type={kind!r}; t5g reads 'gemma2' and 't5gemma'")
+      raise InputError(f"{path}: {e}") from None
+  raise InputError(f"{path}: model_type={kind!r}; t5g reads 'gemma2' and 't5gemma'")
 
 
 def _classifier_from_hf(d: dict[str, Any], architectures: list, path: str) -> ClassifierConfig:
   """The ClassifierConfig of an encoder-only `t5gemma` config dict (is_encoder_decoder=false)."""
   if architectures != [CLASSIFIER_ARCHITECTURE]:
-    raise ValueError(f"{path}: is_encoder_decoder=false with architectures={architectures}; "
+    raise InputError(f"{path}: is_encoder_decoder=false with architectures={architectures}; "
                      f"t5g reads an encoder-only T5Gemma only as [{CLASSIFIER_ARCHITECTURE!r}] "
                      "(an encoder and a classification head)")
   if d.get("problem_type") not in (None, "single_label_classification"):
-    raise ValueError(f"{path}: problem_type={d['problem_type']!r}; t5g's classifier is "
+    raise InputError(f"{path}: problem_type={d['problem_type']!r}; t5g's classifier is "
                      "single_label_classification (softmax over the classes)")
   if not isinstance(d.get("encoder"), dict):
-    raise ValueError(f"{path}: missing key 'encoder'")
+    raise InputError(f"{path}: missing key 'encoder'")
   pad = d.get("pad_token_id", (d.get("decoder") or {}).get("pad_token_id", PAD_ID))
   if pad != PAD_ID:  # transformers falls back on the decoder's, as here.
-    raise ValueError(f"{path}: pad_token_id={pad!r}; t5g pools the last token before padding "
+    raise InputError(f"{path}: pad_token_id={pad!r}; t5g pools the last token before padding "
                      f"id {PAD_ID}")
   if isinstance(d.get("id2label"), dict):
     num_classes = len(d["id2label"])
   elif "num_labels" in d:
     num_classes = d["num_labels"]
   else:
-    raise ValueError(f"{path}: missing key 'id2label' (or 'num_labels'): the class count")
+    raise InputError(f"{path}: missing key 'id2label' (or 'num_labels'): the class count")
   if "num_labels" in d and d["num_labels"] != num_classes:
-    raise ValueError(f"{path}: num_labels={d['num_labels']!r} != {num_classes} id2label entries")
+    raise InputError(f"{path}: num_labels={d['num_labels']!r} != {num_classes} id2label entries")
   encoder = stack_from_hf(d["encoder"], f"{path}: encoder")
   try:
     return ClassifierConfig(encoder, num_classes)
   except ValueError as e:
-    raise ValueError(f"{path}: {e}") from None
+    raise InputError(f"{path}: {e}") from None
 
 
 def stack_to_hf(cfg: StackConfig, window: int | None = None) -> dict[str, Any]:

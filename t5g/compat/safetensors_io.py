@@ -18,6 +18,8 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
+from t5g.errors import InputError, MissingFileError, MissingKeyError
+
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64),
@@ -39,12 +41,12 @@ class SafetensorsFolder:
       with open(index_path) as f:
         weight_map = json.load(f).get("weight_map")
       if not isinstance(weight_map, dict):
-        raise ValueError(f"{index_path}: no 'weight_map' object")
+        raise InputError(f"{index_path}: no 'weight_map' object")
       files = sorted(set(weight_map.values()))
     elif os.path.exists(os.path.join(folder, SINGLE_FILE)):
       files = [SINGLE_FILE]
     else:
-      raise FileNotFoundError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
+      raise MissingFileError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
     self._entries: dict[str, tuple[str, dict]] = {}
     for name in files:
       path = os.path.join(folder, name)
@@ -64,18 +66,18 @@ class SafetensorsFolder:
   def get(self, key: str) -> np.ndarray:
     """The tensor `key`, read from its file (only this tensor's bytes are read)."""
     if key not in self._entries:
-      raise KeyError(f"{self.folder}: missing tensor {key!r}")
+      raise MissingKeyError(f"{self.folder}: missing tensor {key!r}")
     path, info = self._entries[key]
     start, end = info["data_offsets"]
     base = _read_header(path)[1]
     dtype = DTYPES.get(info["dtype"])
     if dtype is None:
-      raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
+      raise InputError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
     with open(path, "rb") as f:
       f.seek(base + start)
       raw = np.fromfile(f, dtype=np.uint8, count=end - start)
     if raw.size != end - start:
-      raise ValueError(f"{path}: tensor {key!r} is truncated ({raw.size} of {end - start} bytes)")
+      raise InputError(f"{path}: tensor {key!r} is truncated ({raw.size} of {end - start} bytes)")
     return raw.view(dtype).reshape(info["shape"])
 
 
@@ -89,19 +91,19 @@ def _read_header(path: str) -> tuple[dict, int]:
     with open(path, "rb") as f:
       head = f.read(8)
       if len(head) != 8:
-        raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
       (size,) = struct.unpack("<Q", head)
       if size > os.path.getsize(path) - 8:
-        raise ValueError(f"{path}: header length {size} exceeds the file; truncated or corrupt")
+        raise InputError(f"{path}: header length {size} exceeds the file; truncated or corrupt")
       try:
         header = json.loads(f.read(size))
       except ValueError:
-        raise ValueError(f"{path}: header is not valid JSON; truncated or corrupt") from None
+        raise InputError(f"{path}: header is not valid JSON; truncated or corrupt") from None
     header.pop("__metadata__", None)
     data_size = os.path.getsize(path) - 8 - size
     for name, info in header.items():
       if info["data_offsets"][1] > data_size:
-        raise ValueError(f"{path}: tensor {name!r} extends past the end of the file; truncated")
+        raise InputError(f"{path}: tensor {name!r} extends past the end of the file; truncated")
     _HEADER_CACHE[key] = (header, 8 + size)
   return _HEADER_CACHE[key]
 

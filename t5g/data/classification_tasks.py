@@ -33,6 +33,7 @@ from t5g.data.finetune_tasks import SUPERGLUE, superglue_input_text, superglue_t
 from t5g.data.tasks import (PREFIX, parse_jsonl, register_mixture, register_task,
                             user_split_files)
 from t5g.data.vocabulary import get_vocabulary
+from t5g.errors import InputError
 
 SUPERGLUE_CLS_PREFIX = f"{PREFIX}superglue_cls"
 SUPERGLUE_NUM_CLASSES = max(len(labels) for _, labels, _ in SUPERGLUE.values())
@@ -52,9 +53,9 @@ def check_num_classes(mixture_or_task: seqio.Task | seqio.Mixture, num_classes: 
   for task in seqio.get_subtasks(mixture_or_task):
     vocabulary = task.output_features["targets"].vocabulary
     if not isinstance(vocabulary, seqio.PassThroughVocabulary):
-      raise ValueError(f"task {task.name!r} is not a classification task (its targets are text)")
+      raise InputError(f"task {task.name!r} is not a classification task (its targets are text)")
     if vocabulary.vocab_size > num_classes:
-      raise ValueError(f"task {task.name!r} has {vocabulary.vocab_size} labels; the classifier "
+      raise InputError(f"task {task.name!r} has {vocabulary.vocab_size} labels; the classifier "
                        f"has num_classes={num_classes}")
 
 
@@ -84,7 +85,7 @@ class ClassificationFeatureConverter(seqio.FeatureConverter):
 
   def __init__(self, pack: bool = False):
     if pack:
-      raise ValueError("the classification feature converter does not pack (pack=False)")
+      raise InputError("the classification feature converter does not pack (pack=False)")
     super().__init__(pack=False)
 
   def _convert_features(self, ds: tf.data.Dataset,
@@ -166,7 +167,7 @@ def register_classification_task(name: str,
   here; a later record with another label stops the pipeline naming the labels.
   """
   if len(set(labels)) != len(labels) or len(labels) < 2:
-    raise ValueError(f"labels must be at least two distinct names, got {list(labels)}")
+    raise InputError(f"labels must be at least two distinct names, got {list(labels)}")
   metric_fns = metrics.by_name(metric_names)
   split_files = user_split_files(name, files, [text_key, label_key])
   rename = functools.partial(seqio.preprocessors.rekey, key_map={"inputs": text_key,

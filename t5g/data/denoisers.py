@@ -41,6 +41,7 @@ import tensorflow as tf
 
 from t5g.data.prefix_lm import usable_lengths
 from t5g.data.vocabulary import SpecialTokens
+from t5g.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,7 @@ class Denoiser:
     elif not self.prefix_lm and self.span_fraction is None and self.mean_span_length < 1:
       problem = "needs mean_span_length >= 1 (or span_fraction)"
     if problem:
-      raise ValueError(f"{self} {problem}")
+      raise InputError(f"{self} {problem}")
 
   def noise_tokens(self, length: int) -> int:
     """Noise tokens in a chunk of `length` tokens; for the S-denoiser, the most target tokens."""
@@ -149,7 +150,7 @@ def _check_fits(denoiser: Denoiser, chunk: int, sequence_length: Mapping[str, in
     needed = f"one span of {denoiser.mean_span_length} tokens"
     fits = noise >= denoiser.mean_span_length
   if not fits:
-    raise ValueError(
+    raise InputError(
         f"sequence lengths {dict(sequence_length)} are too short for {denoiser}: the longest "
         f"chunk that fits has {chunk} tokens ({noise} noise tokens in at most {spans} spans); "
         f"it needs {needed}")
@@ -168,7 +169,7 @@ def ul2_objective(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
       string that is not a single piece of the vocabulary.
   """
   if not denoisers or any(rate <= 0 for _, rate in denoisers):
-    raise ValueError(f"ul2_objective needs (Denoiser, rate > 0) pairs; got {denoisers}")
+    raise InputError(f"ul2_objective needs (Denoiser, rate > 0) pairs; got {denoisers}")
   max_inputs, max_targets = usable_lengths(sequence_length, output_features)
   chunks = [denoiser.longest_chunk(max_inputs, max_targets) for denoiser, _ in denoisers]
   for (denoiser, _), chunk in zip(denoisers, chunks):

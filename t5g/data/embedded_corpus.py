@@ -8,6 +8,8 @@ which corpus it was trained on (see `t5g.data.make_embedded_vocabulary`).
 
 from __future__ import annotations
 
+from t5g.errors import MissingDependencyError
+
 
 def documents() -> list[str]:
   """The corpus as one document per help topic, in the order of the topic names.
@@ -18,7 +20,7 @@ def documents() -> list[str]:
   try:
     from pydoc_data.topics import topics
   except ImportError as error:
-    raise RuntimeError(
+    raise MissingDependencyError(
         "the embedded corpus needs Python's pydoc_data.topics, which this Python install lacks "
         "(minimal installs may omit it); install the full standard library or use a task over "
         "your own files instead") from error

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from t5g.errors import InputError
+
 
 def accuracy(targets: Sequence, predictions: Sequence) -> dict[str, float]:
   """Percentage of predictions equal to their target (class indices or texts)."""
@@ -73,5 +75,5 @@ def by_name(names: Sequence[str]) -> list[Callable]:
     names = [names]
   unknown = [name for name in names if name not in NAMED]
   if unknown:
-    raise ValueError(f"unknown metric {unknown[0]!r}; known metrics: {', '.join(sorted(NAMED))}")
+    raise InputError(f"unknown metric {unknown[0]!r}; known metrics: {', '.join(sorted(NAMED))}")
   return [NAMED[name] for name in names]

@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from t5g.data import classification_tasks, feature_converters, finetune_tasks  # noqa: F401
 from t5g.data.tasks import get_task_or_mixture
+from t5g.errors import InputError
 
 FEATURE_CONVERTERS = {
     "encoder_decoder": feature_converters.EncDecFeatureConverter,
@@ -65,12 +66,12 @@ class InputConfig:
 
   def __post_init__(self):
     if self.batch_size < 1:
-      raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+      raise InputError(f"batch_size must be at least 1, got {self.batch_size}")
     if self.feature_converter not in FEATURE_CONVERTERS:
-      raise ValueError(f"unknown feature_converter {self.feature_converter!r}; "
+      raise InputError(f"unknown feature_converter {self.feature_converter!r}; "
                        f"choose one of {sorted(FEATURE_CONVERTERS)}")
     if not isinstance(self.seed, int):
-      raise TypeError(f"seed must be an int (a fixed seed), got {self.seed!r}")
+      raise InputError(f"seed must be an int (a fixed seed), got {self.seed!r}")
 
   def describe(self) -> dict[str, Any]:
     """The configuration as JSON-serialisable values (what a saved state must agree with)."""
@@ -133,14 +134,14 @@ class InputIterator(Iterator[dict[str, np.ndarray]]):
   def _checked_position(self, state: Mapping[str, Any]) -> int:
     consumed = state.get("batches_consumed")
     if not isinstance(consumed, int) or consumed < 0:
-      raise ValueError(f"input state has no valid batches_consumed: {dict(state)!r}")
+      raise InputError(f"input state has no valid batches_consumed: {dict(state)!r}")
     expected = self._expected_state(consumed)
     differing = sorted(key for key in set(expected) | set(state)
                        if expected.get(key) != state.get(key))
     if differing:
       details = "; ".join(f"{key}: saved {state.get(key)!r}, now {expected.get(key)!r}"
                           for key in differing)
-      raise ValueError("input state was saved for a different input pipeline, so resuming "
+      raise InputError("input state was saved for a different input pipeline, so resuming "
                        f"would not reproduce its batches ({details})")
     return consumed
 

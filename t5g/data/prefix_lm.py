@@ -20,6 +20,8 @@ from typing import Mapping
 import seqio
 import tensorflow as tf
 
+from t5g.errors import InputError
+
 SPLITS = ("half", "random")
 
 
@@ -33,11 +35,11 @@ def usable_lengths(sequence_length: Mapping[str, int],
   budgets = []
   for key in ("inputs", "targets"):
     if key not in sequence_length or key not in output_features:
-      raise ValueError(f"the objective needs an {key!r} feature and length; got lengths "
+      raise InputError(f"the objective needs an {key!r} feature and length; got lengths "
                        f"{dict(sequence_length)} and features {sorted(output_features)}")
     budget = sequence_length[key] - int(output_features[key].add_eos)
     if budget < 1:
-      raise ValueError(f"sequence length {key}={sequence_length[key]} leaves no room for a token"
+      raise InputError(f"sequence length {key}={sequence_length[key]} leaves no room for a token"
                        f"{' before the EOS' if output_features[key].add_eos else ''}")
     budgets.append(budget)
   return budgets[0], budgets[1]
@@ -53,7 +55,7 @@ def concatenate_documents(dataset: tf.data.Dataset, documents_per_example: int) 
     ValueError: `documents_per_example` < 1.
   """
   if documents_per_example < 1:
-    raise ValueError(f"documents_per_example must be >= 1, got {documents_per_example}")
+    raise InputError(f"documents_per_example must be >= 1, got {documents_per_example}")
   targets = dataset.map(lambda example: tf.cast(example["targets"], tf.int32))
   return targets.ragged_batch(documents_per_example).map(
       lambda batch: {"targets": batch.flat_values})
@@ -88,7 +90,7 @@ def prefix_lm(dataset: tf.data.Dataset, sequence_length: Mapping[str, int],
     ValueError: an unknown `split`, or lengths with no room for a token.
   """
   if split not in SPLITS:
-    raise ValueError(f"unknown PrefixLM split {split!r}; choose one of {SPLITS}")
+    raise InputError(f"unknown PrefixLM split {split!r}; choose one of {SPLITS}")
   max_inputs, max_targets = usable_lengths(sequence_length, output_features)
   if split == "half":
     chunks = cut_into_chunks(dataset, min(2 * max_inputs + 1, 2 * max_targets))

@@ -47,6 +47,7 @@ from t5g.data import embedded_corpus
 from t5g.data.denoisers import UL2_PAPER, Denoiser, ul2_objective
 from t5g.data.prefix_lm import concatenate_documents, prefix_lm
 from t5g.data.vocabulary import get_vocabulary
+from t5g.errors import InputError, MissingFileError
 
 PREFIX = "t5g."
 C4_TFDS_NAME = "c4/en:3.1.0"
@@ -88,10 +89,10 @@ def check_files(patterns: str | Sequence[str]) -> list[str]:
   for pattern in [patterns] if isinstance(patterns, str) else patterns:
     matched = sorted(tf.io.gfile.glob(pattern))
     if not matched:
-      raise FileNotFoundError(f"no file matches {pattern!r}")
+      raise MissingFileError(f"no file matches {pattern!r}")
     for path in matched:
       if tf.io.gfile.stat(path).length == 0:
-        raise ValueError(f"data file {path!r} is empty")
+        raise InputError(f"data file {path!r} is empty")
     files.extend(matched)
   return files
 
@@ -131,7 +132,7 @@ def register_pretraining_tasks(prefix: str, source: seqio.DataSource, text_key: 
   objective (1: each document alone). Returns the registered names.
   """
   if documents_per_example < 1:
-    raise ValueError(f"documents_per_example must be >= 1, got {documents_per_example}")
+    raise InputError(f"documents_per_example must be >= 1, got {documents_per_example}")
   features = text_features(vocabulary_path)
   rename = functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key})
   task_names = []
@@ -191,7 +192,7 @@ def _first_line(path: str) -> str:
     for line in file:
       if line.strip():
         return line
-  raise ValueError(f"data file {path!r} has no non-blank line")
+  raise InputError(f"data file {path!r} has no non-blank line")
 
 
 def _jsonl_fields(line: bytes | str, keys: Sequence[str]) -> list[bytes]:
@@ -199,7 +200,7 @@ def _jsonl_fields(line: bytes | str, keys: Sequence[str]) -> list[bytes]:
   missing = [key for key in keys
              if not isinstance(record, dict) or not isinstance(record.get(key), str)]
   if missing:
-    raise ValueError(f"jsonl record has no string field {missing[0]!r}: {line[:200]!r}")
+    raise InputError(f"jsonl record has no string field {missing[0]!r}: {line[:200]!r}")
   return [record[key].encode("utf-8") for key in keys]
 
 
@@ -209,7 +210,7 @@ def check_jsonl_files(paths: Sequence[str], keys: Sequence[str]) -> None:
     try:
       _jsonl_fields(_first_line(path), keys)
     except ValueError as error:
-      raise ValueError(f"{path}: {error}") from None
+      raise InputError(f"{path}: {error}") from None
 
 
 def parse_jsonl(keys: Sequence[str]) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
@@ -237,7 +238,7 @@ def user_split_files(name: str, files: str | Sequence[str] | Mapping[str, str | 
   `jsonl_keys`) a first jsonl record without one of those string fields.
   """
   if name.startswith(PREFIX):
-    raise ValueError(f"task names starting with {PREFIX!r} are reserved for t5g's own tasks")
+    raise InputError(f"task names starting with {PREFIX!r} are reserved for t5g's own tasks")
   split_patterns = files if isinstance(files, Mapping) else {"train": files}
   split_files = {split: check_files(patterns) for split, patterns in split_patterns.items()}
   if jsonl_keys:
@@ -264,7 +265,7 @@ def register_text_tasks(name: str, files: str | Sequence[str] | Mapping[str, str
   Missing or empty files, and a first jsonl record without `text_key`, raise here.
   """
   if format not in FILE_FORMATS:
-    raise ValueError(f"unknown format {format!r}; choose one of {FILE_FORMATS}")
+    raise InputError(f"unknown format {format!r}; choose one of {FILE_FORMATS}")
   split_files = user_split_files(name, files, [text_key] if format == "jsonl" else ())
   if format == "tfrecord":
     source = seqio.TFExampleDataSource(
@@ -288,7 +289,7 @@ def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
   close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
   hint = (f"close names: {', '.join(close)}" if close else
           "t5g's tasks: " + ", ".join(n for n in known if n.startswith(PREFIX)))
-  raise ValueError(f"no seqio task or mixture named {name!r}; {hint}")
+  raise InputError(f"no seqio task or mixture named {name!r}; {hint}")
 
 
 register_c4_tasks()

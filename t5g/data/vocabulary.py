@@ -35,6 +35,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from t5g.errors import InputError, MissingFileError
 from t5g.model.config import BOS_ID, EMBEDDED_VOCABULARY, EOS_ID, PAD_ID
 
 if TYPE_CHECKING:
@@ -54,12 +55,12 @@ def get_vocabulary(path: str | None = None) -> seqio.SentencePieceVocabulary:
   import tensorflow as tf
   path = EMBEDDED_VOCABULARY_PATH if path is None else path
   if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"SentencePiece vocabulary not found: {path}")
+    raise MissingFileError(f"SentencePiece vocabulary not found: {path}")
   vocabulary = seqio.SentencePieceVocabulary(path, extra_ids=0)
   processor = vocabulary.tokenizer
   found = (processor.pad_id(), processor.eos_id(), processor.bos_id())
   if found != (PAD_ID, EOS_ID, BOS_ID):
-    raise ValueError(
+    raise InputError(
         f"{path}: pad/eos/bos ids are {found}; t5g needs Gemma's {(PAD_ID, EOS_ID, BOS_ID)}")
   return vocabulary
 
@@ -113,7 +114,7 @@ def piece_id(vocabulary: seqio.SentencePieceVocabulary, piece: str) -> int:
   processor = vocabulary.tokenizer
   token_id = processor.piece_to_id(piece)
   if processor.id_to_piece(token_id) != piece:
-    raise ValueError(
+    raise InputError(
         f"{piece!r} is not a single piece of the vocabulary {vocabulary.sentencepiece_model_file!r}"
         f" ({processor.get_piece_size()} pieces); choose special token strings it contains")
   return token_id
@@ -134,14 +135,14 @@ class SpecialTokens:
 
   def __post_init__(self):
     if not self.sentinels:
-      raise ValueError("SpecialTokens needs at least one sentinel string")
+      raise InputError("SpecialTokens needs at least one sentinel string")
     names = [name for name, _ in self.modes]
     if len(set(names)) != len(names):
-      raise ValueError(f"SpecialTokens mode names repeat: {names}")
+      raise InputError(f"SpecialTokens mode names repeat: {names}")
     strings = list(self.sentinels) + [token for _, token in self.modes]
     repeated = sorted({token for token in strings if strings.count(token) > 1})
     if repeated:
-      raise ValueError(f"SpecialTokens strings are used twice: {repeated}")
+      raise InputError(f"SpecialTokens strings are used twice: {repeated}")
 
   def sentinel_ids(self, vocabulary: seqio.SentencePieceVocabulary, n: int) -> list[int]:
     """The ids of the first `n` sentinels.
@@ -150,7 +151,7 @@ class SpecialTokens:
       ValueError: `n` exceeds the number of sentinels, or a sentinel is not a single piece.
     """
     if not 1 <= n <= len(self.sentinels):
-      raise ValueError(f"asked for {n} sentinels; SpecialTokens has {len(self.sentinels)}")
+      raise InputError(f"asked for {n} sentinels; SpecialTokens has {len(self.sentinels)}")
     return [piece_id(vocabulary, token) for token in self.sentinels[:n]]
 
   def mode_id(self, vocabulary: seqio.SentencePieceVocabulary, name: str) -> int:
@@ -161,5 +162,5 @@ class SpecialTokens:
     """
     tokens = dict(self.modes)
     if name not in tokens:
-      raise ValueError(f"unknown mode {name!r}; SpecialTokens has modes {sorted(tokens)}")
+      raise InputError(f"unknown mode {name!r}; SpecialTokens has modes {sorted(tokens)}")
     return piece_id(vocabulary, tokens[name])

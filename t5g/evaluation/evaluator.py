@@ -56,6 +56,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from t5g.data import feature_converters
 from t5g.data.classification_tasks import ClassificationFeatureConverter, check_num_classes
 from t5g.data.tasks import get_task_or_mixture
+from t5g.errors import InputError
 from t5g.inference.decoding import DecodeConfig, generate
 from t5g.model.config import EOS_ID, ClassifierConfig, EncoderDecoderConfig, ModelConfig
 from t5g.runtime.partitioning import PlacedModel, from_every_host
@@ -91,9 +92,9 @@ class EvalConfig:
 
   def __post_init__(self):
     if self.batch_size < 1:
-      raise ValueError(f"EvalConfig.batch_size must be at least 1, got {self.batch_size}")
+      raise InputError(f"EvalConfig.batch_size must be at least 1, got {self.batch_size}")
     if self.num_examples is not None and self.num_examples < 1:
-      raise ValueError(f"EvalConfig.num_examples must be None or positive, got "
+      raise InputError(f"EvalConfig.num_examples must be None or positive, got "
                        f"{self.num_examples}")
 
   def build(self, model: PlacedModel, model_dir: str, write: bool
@@ -113,7 +114,7 @@ def feature_converter(config: ModelConfig) -> seqio.FeatureConverter:
     return ClassificationFeatureConverter()
   if isinstance(config, EncoderDecoderConfig):
     return feature_converters.EncDecFeatureConverter(pack=False)
-  raise ValueError("evaluation supports a T5Gemma or an encoder-only classifier, not a "
+  raise InputError("evaluation supports a T5Gemma or an encoder-only classifier, not a "
                    "decoder-only Gemma 2")
 
 
@@ -156,7 +157,7 @@ class Evaluator:
         num_examples=config.num_examples, logger_cls=loggers, log_dir=output_dir,
         async_compute_metrics=False)
     if not self._seqio.eval_tasks:
-      raise ValueError(f"{config.mixture_or_task_name}: no task with a {config.split!r} split "
+      raise InputError(f"{config.mixture_or_task_name}: no task with a {config.split!r} split "
                        "and metrics to evaluate")
     self._mixture = (config.mixture_or_task_name
                      if isinstance(task, seqio.Mixture) and len(self._seqio.eval_tasks) > 1

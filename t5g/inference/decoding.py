@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from t5g.errors import InputError
 from t5g.inference import cache as cache_lib
 from t5g.model.config import BOS_ID, EOS_ID, ComputeConfig, EncoderDecoderConfig, ModelConfig
 from t5g.model.masks import positions_from_segments, segments_from_tokens
@@ -80,12 +81,12 @@ class DecodeConfig:
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+      raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-      raise ValueError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got "
+      raise InputError(f"need temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got "
                        f"{self.temperature}, {self.top_k}, {self.top_p}")
     if self.beam_size < 1 or (self.beam_size > 1 and self.temperature > 0):
-      raise ValueError(f"beam_size must be >= 1, and 1 when sampling (temperature > 0); got "
+      raise InputError(f"beam_size must be >= 1, and 1 when sampling (temperature > 0); got "
                        f"beam_size={self.beam_size}, temperature={self.temperature}")
 
 

@@ -34,6 +34,8 @@ import json
 import logging
 from typing import Any, Callable
 
+from t5g.errors import InputError
+
 HELP = "decode jsonl inputs with a t5g checkpoint (greedy, sampling, beam search)"
 BUCKET = 32  # Input lengths are padded up to a multiple of this, to bound recompilation.
 
@@ -75,33 +77,33 @@ def read_inputs(path: str, encode: Callable[[str], list[int]] | None, vocab_size
       try:
         record = json.loads(line)
       except ValueError:
-        raise ValueError(f"{where}: not valid JSON") from None
+        raise InputError(f"{where}: not valid JSON") from None
       value = record.get("inputs") if isinstance(record, dict) else None
       if isinstance(value, str):
         if encode is None:
-          raise ValueError(f"{where}: 'inputs' is text; pass --vocabulary (the checkpoint "
+          raise InputError(f"{where}: 'inputs' is text; pass --vocabulary (the checkpoint "
                            "records no vocabulary)")
         ids = list(encode(value))
       elif isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool)
                                            for t in value):
         ids = value
       else:
-        raise ValueError(f"{where}: 'inputs' must be a list of token ids or text")
+        raise InputError(f"{where}: 'inputs' must be a list of token ids or text")
       if not ids:
-        raise ValueError(f"{where}: 'inputs' is empty")
+        raise InputError(f"{where}: 'inputs' is empty")
       bad = [t for t in ids if not 0 < t < vocab_size]
       if bad:
-        raise ValueError(f"{where}: token id {bad[0]} is padding (0) or outside the "
+        raise InputError(f"{where}: token id {bad[0]} is padding (0) or outside the "
                          f"vocabulary of {vocab_size}")
       if max_length is not None and len(ids) > max_length:
         if on_long == "error":
-          raise ValueError(f"{where}: {len(ids)} input tokens > --max_input_length={max_length} "
+          raise InputError(f"{where}: {len(ids)} input tokens > --max_input_length={max_length} "
                            "(--on_long_input=truncate cuts it)")
         logging.warning("%s: %d input tokens truncated to %d", where, len(ids), max_length)
         ids = ids[-max_length:] if keep_end else ids[:max_length]
       examples.append((record, ids))
   if not examples:
-    raise ValueError(f"{path}: no inputs")
+    raise InputError(f"{path}: no inputs")
   return examples
 
 
@@ -119,7 +121,7 @@ def run(args) -> None:
   decode = DecodeConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                         args.beam_size, args.length_penalty)
   if args.batch_size < 1 or (args.max_input_length is not None and args.max_input_length < 1):
-    raise ValueError("--batch_size and --max_input_length must be >= 1")
+    raise InputError("--batch_size and --max_input_length must be >= 1")
   config, _, step = model_dir.read_model(args.checkpoint, args.step)
   vocabulary = text_vocabulary(args.checkpoint, step, args.vocabulary, config)
   processor = vocabulary.tokenizer if vocabulary is not None else None

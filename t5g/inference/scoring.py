@@ -25,6 +25,7 @@ import numpy as np
 
 from t5g.checkpoints import model_dir
 from t5g.data import vocabulary as vocabularies
+from t5g.errors import InputError
 from t5g.model.config import (BOS_ID, EOS_ID, PAD_ID, ClassifierConfig, ComputeConfig,
                               EncoderDecoderConfig, ModelConfig)
 from t5g.model.models import make_model
@@ -90,19 +91,19 @@ def read_examples(path: str, encode: Callable[[str], list[int]] | None = None,
       try:
         record = json.loads(line)
       except ValueError:
-        raise ValueError(f"{where}: not valid JSON") from None
+        raise InputError(f"{where}: not valid JSON") from None
       if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object")
+        raise InputError(f"{where}: expected a JSON object")
       if isinstance(config, ClassifierConfig):
         examples.append(_classifier_example(record, encode, config, where))
         continue
       inputs, targets = (_token_ids(record, field, encode, where)
                          for field in ("inputs", "targets"))
       if not targets:
-        raise ValueError(f"{where}: 'targets' is empty")
+        raise InputError(f"{where}: 'targets' is empty")
       examples.append(Example(record, inputs, targets))
   if not examples:
-    raise ValueError(f"{path}: no examples")
+    raise InputError(f"{path}: no examples")
   return examples
 
 
@@ -111,12 +112,12 @@ def _token_ids(record: dict[str, Any], field: str, encode: Callable | None,
   value = record.get(field)
   if isinstance(value, str):
     if encode is None:
-      raise ValueError(f"{where}: {field!r} is text; pass --vocabulary (the checkpoint records "
+      raise InputError(f"{where}: {field!r} is text; pass --vocabulary (the checkpoint records "
                        "no vocabulary)")
     return encode(value)
   if isinstance(value, list) and all(isinstance(t, int) for t in value):
     return value
-  raise ValueError(f"{where}: {field!r} must be a list of token ids or text")
+  raise InputError(f"{where}: {field!r} must be a list of token ids or text")
 
 
 def _classifier_example(record: dict[str, Any], encode: Callable | None,
@@ -124,19 +125,19 @@ def _classifier_example(record: dict[str, Any], encode: Callable | None,
   """A classifier line: its input ids + EOS and its label (None when the line has none)."""
   inputs = _token_ids(record, "inputs", encode, where)
   if not inputs:
-    raise ValueError(f"{where}: 'inputs' is empty")
+    raise InputError(f"{where}: 'inputs' is empty")
   vocab = config.encoder.vocab_size
   bad = [t for t in inputs if not 0 < t < vocab]
   if bad:
-    raise ValueError(f"{where}: 'inputs' has token id {bad[0]} outside [1, {vocab}) (0 is "
+    raise InputError(f"{where}: 'inputs' has token id {bad[0]} outside [1, {vocab}) (0 is "
                      "padding)")
   if inputs[-1] == EOS_ID:
-    raise ValueError(f"{where}: 'inputs' ends with EOS (id {EOS_ID}); give the text's tokens "
+    raise InputError(f"{where}: 'inputs' ends with EOS (id {EOS_ID}); give the text's tokens "
                      "only: t5g score appends EOS, as the classification tasks do")
   label = record.get("label")
   if "label" in record and (isinstance(label, bool) or not isinstance(label, int)
                             or not 0 <= label < config.num_classes):
-    raise ValueError(f"{where}: 'label' must be an int in [0, {config.num_classes}), got "
+    raise InputError(f"{where}: 'label' must be an int in [0, {config.num_classes}), got "
                      f"{label!r}")
   return Example(record, inputs + [EOS_ID], [], label)
 

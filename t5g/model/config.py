@@ -15,6 +15,8 @@ from typing import Any, Mapping
 import gin
 import jax.numpy as jnp
 
+from t5g.errors import InputError
+
 PAD_ID = 0
 EOS_ID = 1
 BOS_ID = 2  # Also the T5Gemma decoder start token.
@@ -48,12 +50,12 @@ class StackConfig:
                  "head_dim", "vocab_size", "sliding_window"):
       value = getattr(self, name)
       if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"StackConfig.{name} must be a positive int, got {value!r}")
+        raise InputError(f"StackConfig.{name} must be a positive int, got {value!r}")
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"StackConfig.num_heads={self.num_heads} is not a multiple of "
+      raise InputError(f"StackConfig.num_heads={self.num_heads} is not a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
-      raise ValueError(f"StackConfig.head_dim={self.head_dim} must be even for RoPE")
+      raise InputError(f"StackConfig.head_dim={self.head_dim} must be even for RoPE")
 
   @property
   def query_scale(self) -> float:
@@ -74,11 +76,11 @@ class StackConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-      raise ValueError(f"{where}: unknown stack config key(s) {unknown}")
+      raise InputError(f"{where}: unknown stack config key(s) {unknown}")
     try:
       return cls(**d)
     except TypeError as e:
-      raise ValueError(f"{where}: {e}") from None
+      raise InputError(f"{where}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +96,7 @@ class EncoderDecoderConfig:
 
   def __post_init__(self):
     if self.encoder.vocab_size != self.decoder.vocab_size:
-      raise ValueError(f"encoder.vocab_size={self.encoder.vocab_size} != "
+      raise InputError(f"encoder.vocab_size={self.encoder.vocab_size} != "
                        f"decoder.vocab_size={self.decoder.vocab_size}")
 
   @property
@@ -115,7 +117,7 @@ class ClassifierConfig:
 
   def __post_init__(self):
     if not isinstance(self.num_classes, int) or self.num_classes < 2:
-      raise ValueError(f"ClassifierConfig.num_classes must be an int >= 2, got "
+      raise InputError(f"ClassifierConfig.num_classes must be an int >= 2, got "
                        f"{self.num_classes!r}")
 
   def to_dict(self) -> dict[str, Any]:
@@ -147,17 +149,17 @@ def config_from_json(d: Mapping[str, Any], where: str = "config") -> ModelConfig
   if kind == "t5gemma":
     missing = [k for k in ("encoder", "decoder") if k not in d]
     if missing or set(d) - {"encoder", "decoder"}:
-      raise ValueError(f"{where}: a t5gemma config has exactly the keys 'encoder' and 'decoder', "
+      raise InputError(f"{where}: a t5gemma config has exactly the keys 'encoder' and 'decoder', "
                        f"got {sorted(d)}")
     return EncoderDecoderConfig(StackConfig.from_dict(d["encoder"], f"{where}: encoder"),
                                 StackConfig.from_dict(d["decoder"], f"{where}: decoder"))
   if kind == "t5gemma_classifier":
     if set(d) != {"encoder", "num_classes"}:
-      raise ValueError(f"{where}: a t5gemma_classifier config has exactly the keys 'encoder' and "
+      raise InputError(f"{where}: a t5gemma_classifier config has exactly the keys 'encoder' and "
                        f"'num_classes', got {sorted(d)}")
     return ClassifierConfig(StackConfig.from_dict(d["encoder"], f"{where}: encoder"),
                             d["num_classes"])
-  raise ValueError(f"{where}: model_type must be 'gemma2', 't5gemma' or 't5gemma_classifier', "
+  raise InputError(f"{where}: model_type must be 'gemma2', 't5gemma' or 't5gemma_classifier', "
                    f"got {kind!r}")
 
 
@@ -184,13 +186,13 @@ class ComputeConfig:
       try:
         object.__setattr__(self, name, jnp.dtype(getattr(self, name)).type)
       except TypeError:
-        raise ValueError(f"ComputeConfig.{name}={getattr(self, name)!r}: not a dtype") from None
+        raise InputError(f"ComputeConfig.{name}={getattr(self, name)!r}: not a dtype") from None
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"ComputeConfig.remat_policy={self.remat_policy!r}: choose one of "
+      raise InputError(f"ComputeConfig.remat_policy={self.remat_policy!r}: choose one of "
                        f"{REMAT_POLICIES}")
     block = self.attention_block_length
     if isinstance(block, bool) or not isinstance(block, int) or block < 0:
-      raise ValueError(f"t5g.ComputeConfig.attention_block_length={block!r}: must be an int >= 0 "
+      raise InputError(f"t5g.ComputeConfig.attention_block_length={block!r}: must be an int >= 0 "
                        "(0: dense attention)")
 
 

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from t5g.errors import InputError
 from t5g.model.classifier import EncoderClassifier
 from t5g.model.config import (ClassifierConfig, ComputeConfig, EncoderDecoderConfig, ModelConfig,
                               StackConfig)
@@ -157,7 +158,7 @@ def make_model(config: ModelConfig, compute: ComputeConfig = ComputeConfig(),
   slots."""
   if isinstance(config, ClassifierConfig):
     if cache_length:
-      raise ValueError("an encoder-only classifier does not decode (cache_length must be 0)")
+      raise InputError("an encoder-only classifier does not decode (cache_length must be 0)")
     return EncoderClassifier(config, compute)
   if isinstance(config, EncoderDecoderConfig):
     return T5Gemma(config, compute, cache_length)

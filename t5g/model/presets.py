@@ -11,6 +11,7 @@ import difflib
 
 import gin
 
+from t5g.errors import InputError
 from t5g.model.config import EncoderDecoderConfig, ModelConfig, StackConfig
 
 
@@ -64,7 +65,7 @@ def get_preset(name: str) -> ModelConfig:
     return PRESETS[name]
   close = difflib.get_close_matches(name, PRESETS, n=4, cutoff=0.4)
   hint = f" Did you mean: {', '.join(close)}?" if close else ""
-  raise ValueError(f"unknown model preset {name!r}.{hint} Known: {', '.join(sorted(PRESETS))}")
+  raise InputError(f"unknown model preset {name!r}.{hint} Known: {', '.join(sorted(PRESETS))}")
 
 
 gin.external_configurable(get_preset, module="t5g")

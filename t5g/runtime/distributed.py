@@ -32,6 +32,8 @@ import os
 import re
 from typing import Mapping, Sequence
 
+from t5g.errors import InputError
+
 ENV_COORDINATOR = "T5G_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "T5G_NUM_PROCESSES"
 ENV_PROCESS_ID = "T5G_PROCESS_ID"
@@ -59,7 +61,7 @@ def _int(value: str, name: str) -> int:
   try:
     return int(value)
   except ValueError:
-    raise ValueError(f"{name}={value!r}: expected an integer") from None
+    raise InputError(f"{name}={value!r}: expected an integer") from None
 
 
 def _checked(plan: Plan) -> Plan:
@@ -67,12 +69,12 @@ def _checked(plan: Plan) -> Plan:
   if plan.mode != "explicit":
     return plan
   if plan.num_processes < 1:
-    raise ValueError(f"{plan.reason}: num_processes={plan.num_processes} must be >= 1")
+    raise InputError(f"{plan.reason}: num_processes={plan.num_processes} must be >= 1")
   if not 0 <= plan.process_id < plan.num_processes:
-    raise ValueError(f"{plan.reason}: process_id={plan.process_id} is not in "
+    raise InputError(f"{plan.reason}: process_id={plan.process_id} is not in "
                      f"[0, {plan.num_processes})")
   if not re.fullmatch(r"[^\s:]+:\d+|\[[0-9a-fA-F:]+\]:\d+", plan.coordinator_address):
-    raise ValueError(f"{plan.reason}: coordinator address {plan.coordinator_address!r} is "
+    raise InputError(f"{plan.reason}: coordinator address {plan.coordinator_address!r} is "
                      "not HOST:PORT")
   return plan
 
@@ -81,7 +83,7 @@ def first_slurm_host(node_list: str) -> str:
   """The first host of a Slurm node list: 'a[003-005,9],b' -> 'a003'."""
   match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", node_list.strip())
   if match is None:
-    raise ValueError(f"SLURM_STEP_NODELIST={node_list!r}: not a Slurm node list")
+    raise InputError(f"SLURM_STEP_NODELIST={node_list!r}: not a Slurm node list")
   prefix, ranges = match.groups()
   if ranges is None:
     return prefix
@@ -95,7 +97,7 @@ def _slurm(env: Mapping[str, str]) -> Plan | None:
     return None  # Not inside `srun`: the batch script itself or an allocation's shell.
   missing = [name for name in SLURM_STEP_VARIABLES if name not in env]
   if missing:
-    raise ValueError(f"a Slurm step sets {', '.join(present)} but not {', '.join(missing)}")
+    raise InputError(f"a Slurm step sets {', '.join(present)} but not {', '.join(missing)}")
   num_processes = _int(env["SLURM_STEP_NUM_TASKS"], "SLURM_STEP_NUM_TASKS")
   if num_processes == 1:
     return None
@@ -130,13 +132,13 @@ def detect(env: Mapping[str, str], coordinator_address: str | None = None,
   launcher = [name for name in LAUNCHER_VARIABLES if name in env]
   if given and len(given) < 3:
     missing = [name for name in flags if name not in given]
-    raise ValueError(f"{', '.join(given)} given without {', '.join(missing)}: the three go "
+    raise InputError(f"{', '.join(given)} given without {', '.join(missing)}: the three go "
                      "together (or use --distributed)")
   if given and auto:
-    raise ValueError("--distributed detects the processes itself: drop --coordinator_address, "
+    raise InputError("--distributed detects the processes itself: drop --coordinator_address, "
                      "--num_processes and --process_id, or --distributed")
   if (given or auto) and launcher:
-    raise ValueError(f"{', '.join(launcher)} (set by launch/local.py) conflict with "
+    raise InputError(f"{', '.join(launcher)} (set by launch/local.py) conflict with "
                      f"{'the explicit flags' if given else '--distributed'}")
   if given:
     return _checked(Plan("explicit", "the command-line flags", coordinator_address,
@@ -146,7 +148,7 @@ def detect(env: Mapping[str, str], coordinator_address: str | None = None,
   if launcher:
     if len(launcher) < 3:
       missing = [name for name in LAUNCHER_VARIABLES if name not in env]
-      raise ValueError(f"{', '.join(launcher)} set without {', '.join(missing)}")
+      raise InputError(f"{', '.join(launcher)} set without {', '.join(missing)}")
     return _checked(Plan("explicit", "T5G_* variables (launch/local.py)", env[ENV_COORDINATOR],
                          _int(env[ENV_NUM_PROCESSES], ENV_NUM_PROCESSES),
                          _int(env[ENV_PROCESS_ID], ENV_PROCESS_ID)))

@@ -23,6 +23,8 @@ from typing import Iterator, Sequence, TextIO
 
 import gin
 
+from t5g.errors import InputError
+
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "gin")
 # The gin flags of `t5g train`, `eval` and `precompile`, for their --help (kept as laid out).
@@ -48,9 +50,9 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], check: bool = True)
       try:
         gin.parse_config_file(name)
       except tokenize.TokenError as e:  # An unclosed bracket: gin does not say where.
-        raise ValueError(f"gin: {e.args[0]} in {name} or a file it includes") from None
+        raise InputError(f"gin: {e.args[0]} in {name} or a file it includes") from None
       except (ValueError, KeyError, SyntaxError, TypeError) as e:
-        raise ValueError(f"gin: {_one_line(e)}") from None
+        raise InputError(f"gin: {_one_line(e)}") from None
     for binding in bindings:
       try:
         gin.parse_config(binding)
@@ -58,9 +60,9 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], check: bool = True)
         detail = e.args[0] if isinstance(e, tokenize.TokenError) else str(e).splitlines()[-1]
         hint = ("; text is quoted: NAME = 'text', on the command line --gin.NAME=\"'text'\""
                 if detail.strip().startswith("Failed to parse token") else "")
-        raise ValueError(f"gin: cannot read {binding!r} ({detail.strip()}){hint}") from None
+        raise InputError(f"gin: cannot read {binding!r} ({detail.strip()}){hint}") from None
       except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"gin: {binding!r}: {str(e).splitlines()[0]}") from None
+        raise InputError(f"gin: {binding!r}: {str(e).splitlines()[0]}") from None
   if check:
     check_required()
     gin.finalize()
@@ -137,7 +139,7 @@ def check_required() -> None:
         missing.append(scope if selector == "gin.macro" else f"{where}.{param}")
   missing.sort()
   if missing:
-    raise ValueError(f"gin: required value(s) not set: {', '.join(missing)} "
+    raise InputError(f"gin: required value(s) not set: {', '.join(missing)} "
                      "(bind them in a gin file or with --gin.NAME=VALUE)")
 
 
@@ -148,7 +150,7 @@ def flag_bindings(gin_flags: Sequence[str], gin_bindings: Sequence[str]) -> list
   for flag in gin_flags:
     name, sep, value = flag.partition("=")
     if not sep or not name:
-      raise ValueError(f"--gin.{flag}: expected --gin.NAME=VALUE")
+      raise InputError(f"--gin.{flag}: expected --gin.NAME=VALUE")
     out.append(f"{name} = {value}")
   return out + list(gin_bindings)
 

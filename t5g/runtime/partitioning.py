@@ -31,6 +31,7 @@ import seqio
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from t5g.errors import InputError
 from t5g.model.config import ComputeConfig, ModelConfig
 from t5g.model.models import abstract_params
 
@@ -77,14 +78,14 @@ gin.external_configurable(MeshConfig, module="t5g")
 def _fill(shape: Sequence[int], total: int, what: str) -> tuple[int, ...]:
   """Replaces a single -1 so that the product is `total`; checks the product otherwise."""
   if any(s == 0 or s < -1 for s in shape) or list(shape).count(-1) > 1:
-    raise ValueError(f"{what} mesh sizes {tuple(shape)}: positive, with at most one -1")
+    raise InputError(f"{what} mesh sizes {tuple(shape)}: positive, with at most one -1")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if total % known:
-      raise ValueError(f"{what} mesh sizes {tuple(shape)} do not divide {total} devices")
+      raise InputError(f"{what} mesh sizes {tuple(shape)} do not divide {total} devices")
     shape = [total // known if s == -1 else s for s in shape]
   if math.prod(shape) != total:
-    raise ValueError(f"{what} mesh sizes {dict(zip(MESH_AXES, shape))} need "
+    raise InputError(f"{what} mesh sizes {dict(zip(MESH_AXES, shape))} need "
                      f"{math.prod(shape)} devices, have {total}")
   return tuple(shape)
 
@@ -136,7 +137,7 @@ def check_fsdp_coverage(shapes: Any, shardings: Any, mesh: Mesh,
     names = [jax.tree_util.keystr(path) for path, s in
              jax.tree_util.tree_leaves_with_path(shardings)
              if "fsdp" not in str(s.spec)][:5]
-    raise ValueError(
+    raise InputError(
         f"{fraction:.1%} of the parameters are replicated over fsdp={mesh.shape['fsdp']} "
         f"(allowed {max_replicated_fraction:.1%}); check the logical axis rules. "
         f"Unsharded, e.g.: {names}")
@@ -157,7 +158,7 @@ def data_shard_info(mesh: Mesh, global_batch_size: int) -> seqio.ShardInfo:
                  sharding.addressable_devices_indices_map((global_batch_size,)).values()})
   start, stop = rows[0][0], rows[-1][1]
   if global_batch_size % mesh_rows(mesh):
-    raise ValueError(f"global batch size {global_batch_size} is not divisible by the "
+    raise InputError(f"global batch size {global_batch_size} is not divisible by the "
                      f"{mesh_rows(mesh)} batch shards (data × fsdp) of the mesh")
   if sum(b - a for a, b in rows) != stop - start:
     raise ValueError(f"process {jax.process_index()} holds non-contiguous rows {rows}")

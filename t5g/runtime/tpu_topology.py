@@ -22,6 +22,8 @@ import os
 import re
 from typing import Any
 
+from t5g.errors import InputError, MissingDependencyError
+
 GIB = 1024 ** 3
 HBM_GIB_PER_CHIP = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 AXES = {"v4": 3, "v5e": 2, "v5p": 3, "v6e": 2}
@@ -55,15 +57,15 @@ def parse(value: str, num_slices: int = 1) -> Topology:
   """`--topology=KIND:AxBxC` -> Topology; a ValueError names the flag when it is not one."""
   match = re.fullmatch(r"(v\w+):(\d+(?:x\d+)*)", value.strip())
   if match is None:
-    raise ValueError(f"--topology={value!r}: expected KIND:AxB[xC], e.g. v5p:4x4x4 or v5e:4x4")
+    raise InputError(f"--topology={value!r}: expected KIND:AxB[xC], e.g. v5p:4x4x4 or v5e:4x4")
   kind, dims = match.group(1), tuple(int(d) for d in match.group(2).split("x"))
   if kind not in HBM_GIB_PER_CHIP:
-    raise ValueError(f"--topology={value!r}: unknown TPU kind {kind!r}; known: "
+    raise InputError(f"--topology={value!r}: unknown TPU kind {kind!r}; known: "
                      f"{', '.join(sorted(HBM_GIB_PER_CHIP))}")
   if len(dims) != AXES[kind] or min(dims) < 1:
-    raise ValueError(f"--topology={value!r}: a {kind} slice has {AXES[kind]} positive sizes")
+    raise InputError(f"--topology={value!r}: a {kind} slice has {AXES[kind]} positive sizes")
   if num_slices < 1:
-    raise ValueError(f"--num_slices={num_slices}: must be >= 1")
+    raise InputError(f"--num_slices={num_slices}: must be >= 1")
   return Topology(kind, dims, num_slices)
 
 
@@ -81,9 +83,9 @@ def devices(topology: Topology) -> list[Any]:
                                          num_slices=topology.num_slices).devices
   except RuntimeError as e:
     if "not installed" in str(e):
-      raise RuntimeError("TPU compilation needs libtpu: pip install -e '.[tpu-aot]' "
-                         f"(jax[tpu] for this jax): {e}") from None
-    raise ValueError(f"--topology={topology.name}: libtpu does not know it: "
+      raise MissingDependencyError("TPU compilation needs libtpu: pip install -e '.[tpu-aot]' "
+                                   f"(jax[tpu] for this jax): {e}") from None
+    raise InputError(f"--topology={topology.name}: libtpu does not know it: "
                      f"{str(e).splitlines()[0]}") from None
   return list(found)
 

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from t5g.errors import InputError
+
 NAMES = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "rsqrt", "constant")
 _LAYER_KEY = re.compile(r"layer_\d+|final_local_layer")
@@ -84,7 +86,7 @@ class OptimizerConfig:
     )
     for field, ok, need in checks:
       if not ok:
-        raise ValueError(f"OptimizerConfig.{field}={getattr(self, field)!r}: must be {need}")
+        raise InputError(f"OptimizerConfig.{field}={getattr(self, field)!r}: must be {need}")
 
 
 gin.external_configurable(OptimizerConfig, module="t5g")
@@ -103,10 +105,10 @@ class Phase:
 
   def __post_init__(self):
     if self.start_step < 0:
-      raise ValueError(f"Phase.start_step={self.start_step}: must be >= 0")
+      raise InputError(f"Phase.start_step={self.start_step}: must be >= 0")
     if not isinstance(self.trainable, tuple) or not all(
         isinstance(p, str) for p in self.trainable):
-      raise ValueError(f"Phase.trainable={self.trainable!r}: must be a tuple of strings")
+      raise InputError(f"Phase.trainable={self.trainable!r}: must be a tuple of strings")
 
 
 gin.external_configurable(Phase, module="t5g")
@@ -116,7 +118,7 @@ def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
   """The learning rate as a function of the global step (see `OptimizerConfig.schedule`)."""
   peak, warmup = config.learning_rate, config.warmup_steps
   if config.schedule == "cosine" and config.decay_steps is None:
-    raise ValueError("OptimizerConfig.decay_steps=None: the cosine schedule needs it")
+    raise InputError("OptimizerConfig.decay_steps=None: the cosine schedule needs it")
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
@@ -161,7 +163,7 @@ def trainable_mask(params: Any, patterns: Sequence[str]) -> Any:
   names = [(path, _layout_free(path)) for path in jax.tree.leaves(paths)]
   for pattern in patterns:
     if not any(fnmatch.fnmatchcase(n, pattern) for pair in names for n in pair):
-      raise ValueError(f"trainable pattern {pattern!r} matches no parameter")
+      raise InputError(f"trainable pattern {pattern!r} matches no parameter")
   return jax.tree.map(
       lambda path: any(fnmatch.fnmatchcase(n, pattern) for pattern in patterns
                        for n in (path, _layout_free(path))), paths)
@@ -173,12 +175,12 @@ def phase_at(phases: Sequence[Phase], step: int) -> int:
   phases must be non-empty, the first starting at step 0 and the starts strictly increasing.
   """
   if not phases:
-    raise ValueError("phases: at least one phase is needed")
+    raise InputError("phases: at least one phase is needed")
   starts = [phase.start_step for phase in phases]
   if starts[0] != 0:
-    raise ValueError(f"phases: the first phase must start at step 0, not {starts[0]}")
+    raise InputError(f"phases: the first phase must start at step 0, not {starts[0]}")
   if any(b <= a for a, b in zip(starts, starts[1:])):
-    raise ValueError(f"phases: start steps {starts} must be strictly increasing")
+    raise InputError(f"phases: start steps {starts} must be strictly increasing")
   if step < 0:
     raise ValueError(f"step {step}: must be >= 0")
   return max(i for i, start in enumerate(starts) if start <= step)

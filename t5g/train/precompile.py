@@ -37,6 +37,7 @@ import math
 import time
 from typing import Any
 
+from t5g.errors import InputError
 from t5g.runtime.tpu_topology import GIB, MemoryReport
 
 HELP = ("compile the train step for a TPU topology on this machine; print per-device memory "
@@ -82,7 +83,7 @@ def run_arguments(gin_files: list[str], bindings: list[str]) -> dict[str, Any]:
 def _required(values: dict[str, Any], name: str) -> Any:
   import gin
   if values[name] is gin.REQUIRED:
-    raise ValueError(f"precompile: t5g.train.{name} is %gin.REQUIRED; set it (a gin file or "
+    raise InputError(f"precompile: t5g.train.{name} is %gin.REQUIRED; set it (a gin file or "
                      "--gin.NAME=VALUE)")
   return values[name]
 
@@ -96,7 +97,7 @@ def abstract_batch(data: Any, mesh: Any) -> dict[str, Any]:
   from t5g.runtime import partitioning
   rows = partitioning.mesh_rows(mesh)
   if data.batch_size % rows:
-    raise ValueError(f"precompile: the global batch size {data.batch_size} (BATCH_SIZE) does "
+    raise InputError(f"precompile: the global batch size {data.batch_size} (BATCH_SIZE) does "
                      f"not split over the mesh's {rows} batch shards (data × fsdp)")
   converter = FEATURE_CONVERTERS[data.feature_converter](pack=data.pack)
   sharding = partitioning.batch_sharding(mesh)
@@ -229,13 +230,13 @@ def compile_phases(values: dict[str, Any], devices: list[Any], hbm: int, only: i
   try:
     mesh = partitioning.make_mesh(mesh_config, devices)
   except ValueError as e:
-    raise ValueError(f"precompile: {mesh_config} on {len(devices)} devices: {e}") from None
+    raise InputError(f"precompile: {mesh_config} on {len(devices)} devices: {e}") from None
   batch = abstract_batch(data, mesh)
   # One row per batch shard and microbatch: the smallest batch the estimate compiles.
   one_row_batch_size = partitioning.mesh_rows(mesh) * values["num_microbatches"]
   model = _required(values, "model")
   if model is None:
-    raise ValueError("precompile: t5g.train.model must be bound (no checkpoint is read)")
+    raise InputError("precompile: t5g.train.model must be bound (no checkpoint is read)")
   run = run_state.build_model(model, values["compute"], mesh, rules, None,
                               values["max_replicated_fraction"], values["num_classes"])
   if values["warmup_new_parameters_steps"]:
@@ -244,15 +245,15 @@ def compile_phases(values: dict[str, Any], devices: list[Any], hbm: int, only: i
             else run_state.default_phases(run, values["warmup_new_parameters_steps"]))
   phase_at(phases, 0)  # validates the phases
   if only is not None and not 0 <= only < len(phases):
-    raise ValueError(f"--phase={only}: the run has phases 0..{len(phases) - 1}")
+    raise InputError(f"--phase={only}: the run has phases 0..{len(phases) - 1}")
   teacher_model = teacher_shapes = teacher_shardings = None
   if values["teacher_checkpoint"] is not None:
     if teacher is None:
-      raise ValueError("precompile: the run distils from a teacher_checkpoint; name its preset "
+      raise InputError("precompile: the run distils from a teacher_checkpoint; name its preset "
                        "with --teacher (e.g. --teacher=gemma2-2b)")
     config = get_preset(teacher)
     if not isinstance(config, StackConfig):
-      raise ValueError(f"--teacher={teacher}: the teacher must be a decoder-only Gemma 2")
+      raise InputError(f"--teacher={teacher}: the teacher must be a decoder-only Gemma 2")
     teacher_model, teacher_shapes = run_state.abstract_teacher(config, values["compute"], mesh,
                                                                rules)
     teacher_shardings = jax.tree_util.tree_map(lambda s: s.sharding, teacher_shapes)

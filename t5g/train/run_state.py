@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from t5g.checkpoints import model_dir
 from t5g.checkpoints.manager import TrainCheckpointManager
+from t5g.errors import InputError
 from t5g.model import classifier
 from t5g.model.config import (ClassifierConfig, ComputeConfig, EncoderDecoderConfig, ModelConfig,
                               StackConfig)
@@ -80,15 +81,15 @@ def classifier_config(config: ModelConfig | None, num_classes: int, init_checkpo
   saved = None if init_checkpoint is None else model_dir.read_model(init_checkpoint)[0]
   base = saved if config is None else config
   if base is None:
-    raise ValueError("train: num_classes needs `model` (a T5Gemma preset) or init_checkpoint")
+    raise InputError("train: num_classes needs `model` (a T5Gemma preset) or init_checkpoint")
   if isinstance(base, StackConfig):
-    raise ValueError("train: num_classes needs a T5Gemma (encoder-decoder) model or init "
+    raise InputError("train: num_classes needs a T5Gemma (encoder-decoder) model or init "
                      "checkpoint; a decoder-only Gemma 2 has no encoder")
   wanted = ClassifierConfig(base.encoder, num_classes)
   if saved is not None and not (saved == wanted or (isinstance(saved, EncoderDecoderConfig)
                                                     and saved.encoder == wanted.encoder)):
     found = model_dir.differences(saved.to_dict(), wanted.to_dict())
-    raise ValueError(f"init_checkpoint={init_checkpoint} holds neither the encoder nor the "
+    raise InputError(f"init_checkpoint={init_checkpoint} holds neither the encoder nor the "
                      f"classifier configured: {', '.join(found)}")
   return wanted
 
@@ -106,11 +107,11 @@ def build_model(config: ModelConfig | None, compute: ComputeConfig, mesh: Mesh,
     saved, _, _ = model_dir.read_model(init_checkpoint)
     if config is not None and config != saved:
       found = model_dir.differences(saved.to_dict(), config.to_dict())
-      raise ValueError(f"init_checkpoint={init_checkpoint} holds another model than the one "
+      raise InputError(f"init_checkpoint={init_checkpoint} holds another model than the one "
                        f"configured: {', '.join(found)}")
     config, new_parameters = saved, list(meta.get("new_parameters", []))
   if config is None:
-    raise ValueError("train: set `model` (e.g. MODEL = @t5g.get_preset()) or init_checkpoint")
+    raise InputError("train: set `model` (e.g. MODEL = @t5g.get_preset()) or init_checkpoint")
   shapes, shardings = partitioning.sharded_abstract_params(config, compute, mesh, rules)
   partitioning.check_fsdp_coverage(shapes, shardings, mesh, max_replicated_fraction)
   return RunModel(config, compute, make_model(config, compute), shapes, shardings,
@@ -122,7 +123,7 @@ def default_phases(model: RunModel, warmup_steps: int) -> list[Phase]:
   if not warmup_steps:
     return [Phase(0)]
   if not model.new_parameters:
-    raise ValueError(f"warmup_new_parameters_steps={warmup_steps}, but the initial checkpoint "
+    raise InputError(f"warmup_new_parameters_steps={warmup_steps}, but the initial checkpoint "
                      "records no new parameters (only an unbalanced adaptation has them)")
   return [Phase(0, tuple(model.new_parameters)), Phase(warmup_steps)]
 
@@ -203,7 +204,7 @@ def load_teacher(checkpoint: str, compute: ComputeConfig, mesh: Mesh,
   """A decoder-only Gemma 2 teacher from a t5g directory: (module, sharded params, config)."""
   config, scanned, _ = model_dir.read_model(checkpoint)
   if isinstance(config, EncoderDecoderConfig):
-    raise ValueError(f"teacher_checkpoint={checkpoint}: the teacher must be a decoder-only "
+    raise InputError(f"teacher_checkpoint={checkpoint}: the teacher must be a decoder-only "
                      "Gemma 2, this is a T5Gemma")
   compute = dataclasses.replace(compute, scan_layers=scanned, remat_policy="none")
   target, _ = partitioning.sharded_abstract_params(config, compute, mesh, rules)

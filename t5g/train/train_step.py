@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from t5g.errors import InputError
 from t5g.model.classifier import EncoderClassifier
 from t5g.model.models import T5Gemma, model_inputs
 from t5g.train import chunked_loss, distillation, losses
@@ -60,11 +61,11 @@ class LossConfig:
   def __post_init__(self):
     for name in ("z_loss", "label_smoothing", "kd_weight"):
       if not 0.0 <= getattr(self, name) <= 1.0:
-        raise ValueError(f"LossConfig.{name}={getattr(self, name)!r}: must be in [0, 1]")
+        raise InputError(f"LossConfig.{name}={getattr(self, name)!r}: must be in [0, 1]")
     if self.kd_temperature <= 0:
-      raise ValueError(f"LossConfig.kd_temperature={self.kd_temperature!r}: must be positive")
+      raise InputError(f"LossConfig.kd_temperature={self.kd_temperature!r}: must be positive")
     if self.logits_chunk_length < 0:
-      raise ValueError(f"LossConfig.logits_chunk_length={self.logits_chunk_length!r}: must be "
+      raise InputError(f"LossConfig.logits_chunk_length={self.logits_chunk_length!r}: must be "
                        "0 (materialised logits) or a positive number of positions")
 
 
@@ -137,7 +138,7 @@ def _microbatches(batch: Batch, num: int) -> dict[str, Array]:
   def split(x):
     rows = x.shape[0]
     if rows % num:
-      raise ValueError(f"batch of {rows} rows does not split into {num} microbatches")
+      raise InputError(f"batch of {rows} rows does not split into {num} microbatches")
     return jnp.swapaxes(x.reshape(rows // num, num, *x.shape[1:]), 0, 1)
   return {name: split(value) for name, value in batch.items()}
 

@@ -44,6 +44,7 @@ from t5g.data.classification_tasks import check_num_classes
 from t5g.data.pipeline import InputConfig, InputIterator
 from t5g.data.tasks import get_task_or_mixture
 from t5g.data.vocabulary import task_vocabulary
+from t5g.errors import InputError
 from t5g.model.config import ClassifierConfig, ComputeConfig, ModelConfig
 from t5g.runtime import gin_files, partitioning
 from t5g.train import flops, run_state
@@ -115,7 +116,7 @@ class _StopSignal:
 def _per_host(config: InputConfig, shard: Any) -> InputConfig:
   """`config` with this host's rows: its batch_size is the global batch."""
   if config.batch_size % shard.num_shards:
-    raise ValueError(f"global batch_size {config.batch_size} does not split over "
+    raise InputError(f"global batch_size {config.batch_size} does not split over "
                      f"{shard.num_shards} data shards")
   return dataclasses.replace(config, batch_size=config.batch_size // shard.num_shards)
 
@@ -140,7 +141,7 @@ def _evaluate(eval_step, params, data: InputConfig, shard, mesh, steps: int | No
     out = eval_step(params, partitioning.global_batch(local, mesh))
     sums = out if sums is None else jax.tree_util.tree_map(np.add, sums, out)
   if sums is None:
-    raise ValueError(f"eval split {data.mixture_or_task_name}:{data.split} gave no batch")
+    raise InputError(f"eval split {data.mixture_or_task_name}:{data.split} gave no batch")
   return normalise_sums(jax.device_get(sums))
 
 
@@ -175,15 +176,15 @@ def train(*, model_dir: str = gin.REQUIRED, train_input: InputConfig = gin.REQUI
   for register in register_tasks:
     register()
   if loss.kd_weight > 0 and teacher_checkpoint is None:
-    raise ValueError("loss.kd_weight > 0 needs a teacher_checkpoint")
+    raise InputError("loss.kd_weight > 0 needs a teacher_checkpoint")
   if num_classes is not None and teacher_checkpoint is not None:
-    raise ValueError("num_classes (a classifier) cannot be distilled from a teacher_checkpoint")
+    raise InputError("num_classes (a classifier) cannot be distilled from a teacher_checkpoint")
   if optimizer.schedule == "cosine" and optimizer.decay_steps is None:
     optimizer = dataclasses.replace(optimizer, decay_steps=train_steps)
   rules = tuple(tuple(rule) for rule in logical_axis_rules)
   device_mesh = partitioning.make_mesh(mesh)
   if (num_classes is not None) != (train_input.feature_converter == "classification"):
-    raise ValueError("num_classes (the encoder-only classifier) and "
+    raise InputError("num_classes (the encoder-only classifier) and "
                      "feature_converter='classification' go together; got num_classes="
                      f"{num_classes!r}, feature_converter={train_input.feature_converter!r}")
   if num_classes is not None:
