@@ -95,14 +95,14 @@ def store_vocabulary(directory: str, vocabulary: str | None, write: bool = True)
     return VOCABULARY_FILE
   source = epath.Path(vocabulary)
   if not source.exists():
-    raise FileNotFoundError(f"SentencePiece vocabulary not found: {vocabulary}")
+    raise MissingFileError(f"SentencePiece vocabulary not found: {vocabulary}")
   data = source.read_bytes()
   target = os.path.join(os.path.abspath(directory), VOCABULARY_FILE)
   if os.path.exists(target):
     with open(target, "rb") as f:
       if f.read() != data:
-        raise FileExistsError(f"{target}: holds another SentencePiece model than {vocabulary}; "
-                              "a checkpoint directory records one vocabulary")
+        raise ExistingFileError(f"{target}: holds another SentencePiece model than {vocabulary}; "
+                                "a checkpoint directory records one vocabulary")
     return VOCABULARY_FILE
   os.makedirs(os.path.dirname(target), exist_ok=True)
   partial = f"{target}.tmp-{os.getpid()}"
@@ -186,12 +186,12 @@ def read_vocabulary(directory: str, step: int | None = None) -> str | None:
   where = os.path.join(directory, str(step), MODEL_ITEM)
   if (not isinstance(record, str) or not record or os.path.isabs(record)
       or ".." in record.split("/")):
-    raise ValueError(f"{where}: vocabulary={record!r}: expected {EMBEDDED_VOCABULARY!r} or a "
+    raise InputError(f"{where}: vocabulary={record!r}: expected {EMBEDDED_VOCABULARY!r} or a "
                      "relative path inside the checkpoint directory")
   path = os.path.join(os.path.abspath(directory), record)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{where}: records the vocabulary {record!r}, but {path} does not "
-                            "exist (copy it back, or pass --vocabulary)")
+    raise MissingFileError(f"{where}: records the vocabulary {record!r}, but {path} does not "
+                           "exist (copy it back, or pass --vocabulary)")
   return path
 
 

@@ -244,15 +244,15 @@ def hf_windows(config: ModelConfig, choice: str,
   if choice == "released":
     return {s: c.sliding_window for s, c in stacks.items()}
   if choice != "match":
-    raise ValueError(f"--hf_sliding_window={choice!r}: choose one of {', '.join(WINDOW_CHOICES)}")
+    raise InputError(f"--hf_sliding_window={choice!r}: choose one of {', '.join(WINDOW_CHOICES)}")
   if offsets is None:
-    raise ValueError("--hf_sliding_window=match: the value that makes the installed transformers "
+    raise InputError("--hf_sliding_window=match: the value that makes the installed transformers "
                      "reproduce t5g needs transformers and torch installed; use "
                      "--hf_sliding_window=released (sliding_window = W, as Google's folders)")
   windows = {s: c.sliding_window - offsets[s] for s, c in stacks.items()}
   for s, window in windows.items():
     if window < 1:
-      raise ValueError(f"--hf_sliding_window=match: the {s}'s window {stacks[s].sliding_window} "
+      raise InputError(f"--hf_sliding_window=match: the {s}'s window {stacks[s].sliding_window} "
                        f"would be written as {window}")
   return windows
 
@@ -276,9 +276,9 @@ def export_checkpoint(checkpoint: str, output: str, step: int | None = None,
   """
   verify_max_length = VERIFY_MAX_LENGTH if verify_max_length is None else verify_max_length
   if verify_max_length < 2:
-    raise ValueError(f"--verify_max_length={verify_max_length}: must be at least 2")
+    raise InputError(f"--verify_max_length={verify_max_length}: must be at least 2")
   if os.path.exists(output) and os.listdir(output):
-    raise FileExistsError(f"{output}: output folder exists and is not empty")
+    raise ExistingFileError(f"{output}: output folder exists and is not empty")
   release_freed_tensors()
   installed = hf_verify.transformers_available()
   verify = verify and installed

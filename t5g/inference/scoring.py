@@ -69,7 +69,7 @@ def text_vocabulary(checkpoint: str, step: int, flag: str | None, config: ModelC
   vocabulary = vocabularies.get_vocabulary(path)
   expected = model_vocab_size(config)
   if vocabulary.vocab_size != expected:
-    raise ValueError(f"{named}: {vocabulary.vocab_size} pieces, but the model of {checkpoint} "
+    raise InputError(f"{named}: {vocabulary.vocab_size} pieces, but the model of {checkpoint} "
                      f"has vocab_size {expected}; pass the vocabulary it was trained with")
   return vocabulary
 

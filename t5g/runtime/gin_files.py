@@ -23,7 +23,7 @@ from typing import Iterator, Sequence, TextIO
 
 import gin
 
-from t5g.errors import InputError
+from t5g.errors import InputError, MissingFileError
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "gin")
@@ -87,7 +87,7 @@ def resolve(name: str, included_from: str | None = None) -> str:
       return path
   what = f"include '{name}' in {included_from}" if included_from else f"--gin_file={name}"
   looked = "" if os.path.isabs(name) else f" (looked in {places[0]} and {places[1]})"
-  raise FileNotFoundError(f"gin: {what}: no such file{looked}")
+  raise MissingFileError(f"gin: {what}: no such file{looked}")
 
 
 class _FileReader:
