@@ -79,7 +79,7 @@ def test_diverged_run_stays_exit_1(monkeypatch, capsys):
 
 @pytest.mark.parametrize("line,named", [
     ("t5g.NoSuchThing.value = 1", "No configurable matching 't5g.NoSuchThing'"),
-    ("include 'experiments/nope.gin'", "Unable to open file: experiments/nope.gin"),
+    ("include 'experiments/nope.gin'", "include 'experiments/nope.gin' in "),
     ("MODEL_DIR = ", "gin: "),
 ])
 def test_gin_parse_error_is_one_line_exit_2(tmp_path, capsys, line, named):

@@ -5,6 +5,7 @@ import importlib
 import json
 import re
 
+import gin
 import pytest
 import seqio
 import tensorflow as tf
@@ -141,8 +142,9 @@ def test_instruction_task(tmp_path):
 
 
 def test_registration_is_idempotent():
-  importlib.reload(tasks)
-  importlib.reload(finetune_tasks)
+  with gin.interactive_mode():  # a reloaded module registers its gin configurables anew
+    importlib.reload(tasks)
+    importlib.reload(finetune_tasks)
   assert tasks.register_embedded_tasks() == ["t5g.embedded.ul2", "t5g.embedded.prefix_lm",
                                              "t5g.embedded.ul2_prefix_lm"]
   _examples("t5g.embedded.ul2_prefix_lm", count=1)

@@ -111,7 +111,7 @@ def test_scores_prefer_the_right_answer(trained_arithmetic, tmp_path):
   assert right_scores.mean() > wrong_scores.mean() + 5
 
 
-def test_failed_evaluation_saves_the_step_and_stops(tmp_path, monkeypatch, caplog):
+def test_failed_evaluation_saves_the_step_and_stops(tmp_path, monkeypatch, caplog, capsys):
   directory = str(tmp_path)
   trained_fixture.write_arithmetic(str(tmp_path / "train.jsonl"), 400, seed=1)
   trained_fixture.write_arithmetic(str(tmp_path / "validation.jsonl"), 40, seed=2)
@@ -123,9 +123,13 @@ def test_failed_evaluation_saves_the_step_and_stops(tmp_path, monkeypatch, caplo
 
   with monkeypatch.context() as patch:
     patch.setattr(evaluator.Evaluator, "evaluate", broken)
-    with pytest.raises(EvaluationFailed) as failure, caplog.at_level(logging.ERROR):
-      cli.main(trained_fixture.train_arguments(directory, run, [*short, "--gin.TRAIN_STEPS=4"]))
-  message = str(failure.value)
+    with caplog.at_level(logging.ERROR):
+      status = cli.main(trained_fixture.train_arguments(directory, run,
+                                                        [*short, "--gin.TRAIN_STEPS=4"]))
+  # Not the user's input: the traceback of EvaluationFailed and the internal-error line, exit 1.
+  assert status == 1
+  message = capsys.readouterr().err
+  assert f"{EvaluationFailed.__name__}: " in message and "internal error" in message
   assert f"evaluation of {TASK} at step 2 failed: ZeroDivisionError: injected at step 2" in message
   # gin re-raises without the chain, so the cause's traceback is in the log.
   [logged] = [r for r in caplog.records if r.exc_info and f"{TASK} at step" in r.getMessage()]
