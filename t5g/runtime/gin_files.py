@@ -51,6 +51,8 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str], check: bool = True)
         gin.parse_config_file(name)
       except tokenize.TokenError as e:  # An unclosed bracket: gin does not say where.
         raise InputError(f"gin: {e.args[0]} in {name} or a file it includes") from None
+      except MissingFileError:  # ours, from `resolve`: already names the file
+        raise
       except (ValueError, KeyError, SyntaxError, TypeError) as e:
         raise InputError(f"gin: {_one_line(e)}") from None
     for binding in bindings:
