@@ -142,7 +142,7 @@ def test_instruction_task(tmp_path):
 
 
 def test_registration_is_idempotent():
-  with gin.interactive_mode():  # a reloaded module registers its gin configurables anew
+  with gin.config.interactive_mode():  # a reloaded module registers its gin configurables anew
     importlib.reload(tasks)
     importlib.reload(finetune_tasks)
   assert tasks.register_embedded_tasks() == ["t5g.embedded.ul2", "t5g.embedded.prefix_lm",
